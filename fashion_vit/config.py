@@ -1,0 +1,154 @@
+"""Job configurations: one dataclass per job, every field defaulted and commented.
+
+`asdict()` of these is what reaches Ray and what is stored inside `vit_model.pth`,
+so a checkpoint always says how it was made.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_DATASET = "ashraq/fashion-product-images-small"
+DEFAULT_MODEL = "google/vit-base-patch16-224-in21k"
+DEFAULT_LABEL_COLUMN = "masterCategory"
+# The mission's label set for masterCategory; the single 'Home' row is outside it.
+MASTER_CATEGORIES = (
+    "Apparel",
+    "Accessories",
+    "Footwear",
+    "Personal Care",
+    "Free Items",
+    "Sporting Goods",
+)
+VIT_SIZES = ("tiny", "small", "base")
+SEARCHES = ("none", "asha")
+# The metric that picks epochs, trials and the exported model: one name everywhere.
+METRIC = "val_accuracy"
+
+
+class FashionVitError(Exception):
+    """A problem the user can fix; the jobs print it as one line, without a traceback."""
+
+
+class ConfigError(FashionVitError):
+    """An invalid flag or value, found before any work starts (exit status 2)."""
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    data_dir: str | None = None  # Kaggle-layout folder (styles.csv + images/); None: the hub dataset
+    dataset: str = DEFAULT_DATASET  # Hugging Face dataset id, used when data_dir is None
+    label_column: str = DEFAULT_LABEL_COLUMN  # column to classify; other columns take labels from the data
+    limit: int | None = None  # stratified subsample of this many rows (quick runs, tests)
+    val_fraction: float = 0.1  # share of each class held out for validation
+    test_fraction: float = 0.1  # share of each class held out for the final test
+    # --- model ---
+    model: str = DEFAULT_MODEL  # hub id or local directory of a saved ViT
+    from_scratch: bool = False  # random init on purpose (offline machines, tests); ignores `model`
+    vit_size: str = "base"  # tiny | small | base, only with from_scratch
+    image_size: int = 224  # model input side; below the checkpoint's, position embeddings are resampled
+    # --- baseline hyperparameters (the seed's recipe) ---
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 32  # per worker
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0  # share of steps with linear warmup; then linear decay to 0
+    label_smoothing: float = 0.0
+    bf16: bool = True  # bf16 autocast on GPUs that support it; no effect on CPU
+    # --- tuning ---
+    search: str = "none"  # none: the baseline only; asha: baseline + num_samples sampled trials
+    num_samples: int = 4  # sampled trials added by --search asha
+    max_concurrent_trials: int | None = None  # None: as many as the resources allow
+    num_to_keep: int = 2  # checkpoints kept per trial, best validation accuracy first
+    # --- resources ---
+    num_workers: int = 1  # data-parallel Ray Train workers per trial
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: int = 1  # also the torch thread count of each CPU worker
+    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a local Ray
+    # --- outputs ---
+    output_dir: str = "results"  # vit_model.pth and summary.json land here
+    storage: str | None = None  # Ray experiment storage; None: <output_dir>/experiments
+    name: str = "fashion-vit"  # experiment name
+    seed: int = 42
+
+    def validate(self) -> "TrainConfig":
+        """Check every value before Ray starts; raise ConfigError with one clear line."""
+        _positive("--epochs", self.epochs)
+        _positive("--batch-size", self.batch_size)
+        _positive("--num-workers", self.num_workers)
+        _positive("--cpus-per-worker", self.cpus_per_worker)
+        _positive("--num-to-keep", self.num_to_keep)
+        if not (self.lr > 0 and self.lr < 1):
+            raise ConfigError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 16 <= self.image_size <= 1024:
+            raise ConfigError(f"--image-size must be between 16 and 1024, got {self.image_size}")
+        if self.image_size % 16:
+            raise ConfigError(f"--image-size must be a multiple of the patch size 16, got {self.image_size}")
+        if self.vit_size not in VIT_SIZES:
+            raise ConfigError(f"--vit-size must be one of {', '.join(VIT_SIZES)}, got {self.vit_size!r}")
+        if self.search not in SEARCHES:
+            raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        if self.search == "asha":
+            _positive("--num-samples", self.num_samples)
+        if self.max_concurrent_trials is not None:
+            _positive("--max-concurrent-trials", self.max_concurrent_trials)
+        if self.limit is not None and self.limit < 20:
+            raise ConfigError(f"--limit must be at least 20 rows, got {self.limit}")
+        for flag, frac in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
+            if not 0 < frac < 0.5:
+                raise ConfigError(f"{flag} must be in (0, 0.5), got {frac}")
+        if self.data_dir is not None:
+            if "://" not in self.data_dir and not os.path.isdir(self.data_dir):
+                raise ConfigError(f"--data-dir {self.data_dir!r} is not a folder")
+            if "://" not in self.data_dir and not os.path.isfile(os.path.join(self.data_dir, "styles.csv")):
+                raise ConfigError(f"--data-dir {self.data_dir!r} has no styles.csv (expected the Kaggle layout: styles.csv + images/)")
+        if not self.from_scratch and os.path.sep in self.model and not os.path.isdir(self.model):
+            raise ConfigError(f"--model {self.model!r} looks like a path but is not a folder")
+        return self
+
+
+@dataclass
+class PredictConfig:
+    inputs: list[str] = field(default_factory=list)  # folders (or URIs) searched recursively for images
+    model: str = "results/vit_model.pth"  # vit_model.pth from jobs/tune.py, or a Hugging Face model folder
+    output: str = "results/predictions.csv"  # one CSV, written atomically
+    batch_size: int = 64  # images per model call
+    top_k: int = 0  # extra columns with the k best labels and probabilities
+    num_actors: int | None = None  # predictor actors; None: one per GPU, or one on CPU
+    threads: int | None = None  # torch threads per CPU actor; None: the node's CPU count
+    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a local Ray
+
+    def validate(self) -> "PredictConfig":
+        if not self.inputs:
+            raise ConfigError("give at least one --input folder")
+        for path in self.inputs:
+            if "://" not in path and not os.path.isdir(path):
+                raise ConfigError(f"--input {path!r} is not a folder")
+        _positive("--batch-size", self.batch_size)
+        if self.top_k < 0:
+            raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.num_actors is not None:
+            _positive("--num-actors", self.num_actors)
+        if self.threads is not None:
+            _positive("--threads", self.threads)
+        if "://" not in self.model and not os.path.exists(self.model):
+            raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        out_dir = os.path.dirname(os.path.abspath(self.output))
+        if os.path.isdir(self.output):
+            raise ConfigError(f"--output {self.output!r} is a folder; give a file path such as predictions.csv")
+        if os.path.exists(out_dir) and not os.access(out_dir, os.W_OK):
+            raise ConfigError(f"--output folder {out_dir!r} is not writable")
+        return self
+
+
+def _positive(flag: str, value: int) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{flag} must be a positive integer, got {value}")

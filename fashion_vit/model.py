@@ -1,0 +1,205 @@
+"""The ViT classifier: build it (hub id, local folder, or from scratch) and the
+`vit_model.pth` format. `save_checkpoint` / `load_checkpoint` are the only two places
+that know that format.
+
+A checkpoint is a plain dict of tensors, strings and numbers, so it loads with
+`torch.load(..., weights_only=True)`: opening a model file never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from fashion_vit.config import FashionVitError, TrainConfig
+from fashion_vit.transforms import Preprocessing
+
+FORMAT = "fashion-vit/1"
+# (hidden size, attention heads); all sizes use 12 layers, MLP 4x hidden, 16x16 patches,
+# the DeiT tiny/small and ViT base shapes.
+VIT_DIMS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+# ViT's own default; google/vit-base-patch16-224-in21k uses the same.
+DEFAULT_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+class ModelError(FashionVitError):
+    """The model or a checkpoint could not be had."""
+
+
+def create_model(cfg: TrainConfig, labels: list[str]):
+    """Build a ViTForImageClassification with a len(labels)-way head at cfg.image_size.
+
+    Returns (model, (mean, std)): the normalisation the backbone was trained with.
+    """
+    from transformers import ViTConfig, ViTForImageClassification
+
+    id2label = {i: name for i, name in enumerate(labels)}
+    label2id = {name: i for i, name in id2label.items()}
+    if cfg.from_scratch:
+        hidden, heads = VIT_DIMS[cfg.vit_size]
+        config = ViTConfig(
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_hidden_layers=12,
+            intermediate_size=4 * hidden,
+            image_size=cfg.image_size,
+            patch_size=16,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+        )
+        return ViTForImageClassification(config), DEFAULT_MEAN_STD
+
+    try:
+        model = ViTForImageClassification.from_pretrained(
+            cfg.model,
+            num_labels=len(labels),
+            id2label=id2label,
+            label2id=label2id,
+            ignore_mismatched_sizes=True,  # the in21k checkpoint's head (if any) is not ours
+            attn_implementation="sdpa",
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"could not load model {cfg.model!r} from the Hugging Face hub or a local folder "
+            f"({_first_line(e)}). Without network access, pass --model DIR with a model saved by "
+            "save_pretrained, or --from-scratch --vit-size {tiny,small,base} to train from random weights."
+        ) from None
+    if model.config.image_size != cfg.image_size:
+        model = resize_image_size(model, cfg.image_size)
+    return model, _mean_std(cfg.model)
+
+
+def resize_image_size(model, image_size: int):
+    """Rebuild `model` for a new input size, resampling its position embeddings bicubically
+    once here (instead of interpolating them on every forward pass)."""
+    from transformers import ViTForImageClassification
+
+    config = model.config
+    state = model.state_dict()
+    key = "vit.embeddings.position_embeddings"
+    pos = state[key]  # (1, 1 + n*n, D): class token first, then the patch grid
+    n_old = math.isqrt(pos.shape[1] - 1)
+    n_new = image_size // config.patch_size
+    grid = pos[:, 1:].reshape(1, n_old, n_old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(n_new, n_new), mode="bicubic", align_corners=False)
+    state[key] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, n_new * n_new, -1)], dim=1)
+    config.image_size = image_size
+    resized = ViTForImageClassification(config)
+    resized.load_state_dict(state)
+    return resized
+
+
+def _mean_std(model_name: str):
+    """The checkpoint's own normalisation, from its preprocessor_config.json."""
+    try:
+        if os.path.isdir(model_name):
+            path = os.path.join(model_name, "preprocessor_config.json")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model_name, "preprocessor_config.json")
+        with open(path) as f:
+            d = json.load(f)
+        return tuple(d["image_mean"]), tuple(d["image_std"])
+    except Exception:
+        # No processor config saved with the weights: ViT's documented default.
+        return DEFAULT_MEAN_STD
+
+
+def save_checkpoint(path: str, model, prep: Preprocessing, train_config: dict, metrics: dict) -> None:
+    """Write vit_model.pth atomically: everything needed to rebuild and use the model
+    without the hub and without Ray."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    payload = {
+        "format": FORMAT,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "vit_config": json.loads(model.config.to_json_string(use_diff=False)),
+        "id2label": {int(k): v for k, v in model.config.id2label.items()},
+        "preprocessing": prep.to_dict(),
+        "train_config": train_config,
+        "metrics": metrics,
+    }
+    atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path: str) -> dict:
+    """Load a vit_model.pth payload safely (weights_only=True); ModelError if it is not one."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"model file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ModelError(f"{path!r} is a folder without a Hugging Face model in it") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise ModelError(f"{path!r} is not a fashion-vit checkpoint, or it holds code and was refused ({_first_line(e)[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelError(f"{path!r} is not a fashion-vit checkpoint (no {FORMAT!r} format tag)")
+    return payload
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint payload of vit_model.pth, or of a Hugging Face model folder turned
+    into the same form, so everything downstream has one path."""
+    if os.path.isdir(path):
+        return _payload_from_hf_folder(path)
+    return read_checkpoint(path)
+
+
+def model_from_payload(payload: dict):
+    """Rebuild (model in eval mode on CPU, Preprocessing) from a checkpoint payload."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig.from_dict(payload["vit_config"])
+    config.id2label = {int(k): v for k, v in payload["id2label"].items()}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    model = ViTForImageClassification(config)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), Preprocessing.from_dict(payload["preprocessing"])
+
+
+def _payload_from_hf_folder(path: str) -> dict:
+    from transformers import ViTForImageClassification
+
+    try:
+        model = ViTForImageClassification.from_pretrained(path, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"could not load a Hugging Face model from folder {path!r} ({_first_line(e)})") from None
+    mean, std = _mean_std(path)
+    size = model.config.image_size
+    # A folder does not say what size its training images had: decode straight to the input size.
+    prep = Preprocessing(image_size=size, source_size=(size, size), mean=mean, std=std)
+    return {
+        "format": FORMAT,
+        "state_dict": model.state_dict(),
+        "vit_config": json.loads(model.config.to_json_string(use_diff=False)),
+        "id2label": {int(k): v for k, v in model.config.id2label.items()},
+        "preprocessing": prep.to_dict(),
+        "train_config": {},
+        "metrics": {},
+    }
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]

@@ -1,0 +1,256 @@
+"""Batch inference: a Ray Data pipeline that maps a trained model over image folders
+and writes one CSV of predicted categories.
+
+list files (driver) -> read + decode (CPU tasks) -> `Predictor` (actor pool, one GPU
+each where GPUs exist) -> rows streamed back in path order into one CSV that appears
+only when complete.
+
+`Predictor` needs no Ray: it takes a batch dict and returns one, so tests and the
+tune driver's test scoring call it directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fashion_vit.config import FashionVitError, PredictConfig
+from fashion_vit.model import load_checkpoint, model_from_payload
+from fashion_vit.transforms import Preprocessing, decode_image, preprocess
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+PATHS_PER_BLOCK = 512  # rows per read/decode task: small enough to spread, big enough to amortise
+
+
+class PredictError(FashionVitError):
+    """Batch inference could not produce its CSV."""
+
+
+@dataclass
+class PredictOutcome:
+    output: str
+    predicted: int
+    failed: int
+    ignored: int
+    seconds: float
+
+    def summary(self) -> str:
+        rate = self.predicted / self.seconds if self.seconds else 0.0
+        return (
+            f"predicted {self.predicted} images, {self.failed} files failed, "
+            f"{self.ignored} files ignored, {rate:.1f} images/s -> {self.output}"
+        )
+
+
+class Predictor:
+    """Loads the model once; each call adds predictions to a batch of decoded images.
+
+    In: {"image": uint8 (B, H, W, 3), optional "error": str (B,), other columns passed through}.
+    Out: the same columns minus image, plus predicted_category, confidence and, with
+    top_k, label_i / prob_i. Rows with an error get an empty prediction.
+    """
+
+    def __init__(self, checkpoint, top_k: int = 0, threads: int | None = None, bf16: bool = True):
+        if type(checkpoint).__name__ == "ObjectRef":  # the payload, put once by the driver
+            import ray
+
+            checkpoint = ray.get(checkpoint)
+        elif not isinstance(checkpoint, dict):  # a path
+            checkpoint = load_checkpoint(checkpoint)
+        self.model, self.prep = model_from_payload(checkpoint)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            # Ray pins actors to 1 thread (OMP_NUM_THREADS); a CPU predictor wants the node.
+            torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.model.to(self.device)
+        self.bf16 = bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        id2label = checkpoint["id2label"]
+        self.labels = np.array([id2label[i] for i in range(len(id2label))], dtype=object)
+        self.top_k = min(top_k, len(self.labels))
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict) -> dict:
+        images = batch.pop("image")
+        n = len(images)
+        errors = batch.get("error")
+        ok = np.ones(n, bool) if errors is None else (np.asarray(errors) == "")
+        categories = np.full(n, "", dtype=object)
+        confidence = np.full(n, np.nan)
+        top_labels = np.full((n, self.top_k), "", dtype=object)
+        top_probs = np.full((n, self.top_k), np.nan)
+        if ok.any():
+            x = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model(pixel_values=preprocess(x, self.prep)).logits
+            probs = logits.float().softmax(dim=1)
+            k = max(1, self.top_k)
+            p, idx = probs.topk(k, dim=1)
+            p, idx = p.cpu().numpy(), idx.cpu().numpy()
+            categories[ok] = self.labels[idx[:, 0]]
+            confidence[ok] = p[:, 0]
+            top_labels[ok] = self.labels[idx[:, : self.top_k]]
+            top_probs[ok] = p[:, : self.top_k]
+        batch["predicted_category"] = categories
+        batch["confidence"] = confidence
+        for j in range(self.top_k):
+            batch[f"label_{j + 1}"] = top_labels[:, j]
+            batch[f"prob_{j + 1}"] = top_probs[:, j]
+        return batch
+
+
+def list_images(inputs: list[str]) -> tuple[list[str], int]:
+    """Image paths under `inputs` (recursive, by extension in any case), sorted, and the
+    number of other files ignored. Works for local folders and pyarrow URIs (s3://, gs://)."""
+    import pyarrow.fs as pafs
+
+    paths, ignored = [], 0
+    for root in inputs:
+        if "://" in root:
+            fs, base = pafs.FileSystem.from_uri(root)
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            scheme = root.split("://", 1)[0]
+            found = [f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File]
+        else:
+            if not os.path.isdir(root):
+                raise PredictError(f"input {root!r} is not a folder")
+            found = [os.path.join(d, name) for d, _, names in os.walk(root) for name in names]
+        for p in found:
+            if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS:
+                paths.append(p)
+            else:
+                ignored += 1
+    return sorted(set(paths)), ignored
+
+
+def read_and_decode(batch: dict, source_size: tuple[int, int]) -> dict:
+    """Ray Data task: read each path's bytes and decode; a failure becomes the row's error."""
+    paths = batch["path"]
+    h, w = source_size
+    images = np.zeros((len(paths), h, w, 3), np.uint8)
+    errors = np.full(len(paths), "", dtype=object)
+    for i, path in enumerate(paths):
+        try:
+            images[i] = decode_image(_read(path), source_size)
+        except ValueError as e:
+            errors[i] = str(e)
+        except OSError as e:  # unreadable: permissions, vanished, I/O error
+            errors[i] = f"unreadable: {e.strerror or type(e).__name__}"
+    return {"path": np.asarray(paths, dtype=object), "image": images, "error": errors}
+
+
+def _read(path: str) -> bytes:
+    if "://" in path:
+        import pyarrow.fs as pafs
+
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_input_file(p) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def run(cfg: PredictConfig, log=print) -> PredictOutcome:
+    """The whole `jobs/batch_predict.py`."""
+    t0 = time.perf_counter()
+    payload = load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
+    prep = Preprocessing.from_dict(payload["preprocessing"])
+    paths, ignored = list_images(cfg.inputs)
+    if not paths:
+        raise PredictError(f"no image files under {', '.join(cfg.inputs)} ({ignored} other files ignored)")
+    log(f"{len(paths)} image files, {ignored} other files ignored")
+
+    import ray
+
+    ray.init(address=cfg.address, ignore_reinit_error=True)
+    ds = predict_dataset(paths_dataset(paths), payload, prep, cfg)
+    columns = ["path", "predicted_category", "confidence", "error"]
+    columns += [c for j in range(1, cfg.top_k + 1) for c in (f"label_{j}", f"prob_{j}")]
+    predicted, failed = _write_csv(ds, cfg.output, columns)
+    return PredictOutcome(cfg.output, predicted, failed, ignored, time.perf_counter() - t0)
+
+
+def paths_dataset(paths: list[str]):
+    import pandas as pd
+    import ray
+
+    chunks = [paths[i : i + PATHS_PER_BLOCK] for i in range(0, len(paths), PATHS_PER_BLOCK)]
+    return ray.data.from_pandas([pd.DataFrame({"path": c}) for c in chunks])
+
+
+def predict_dataset(ds, payload: dict, prep: Preprocessing, cfg: PredictConfig):
+    """Add decode and prediction stages to a dataset of paths."""
+    import ray
+
+    # Output rows in input (path) order, so the CSV streams out already sorted.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = ds.map_batches(read_and_decode, fn_kwargs={"source_size": prep.source_size}, batch_size=PATHS_PER_BLOCK)
+    return add_predictions(ds, payload, cfg)
+
+
+def add_predictions(ds, payload: dict, cfg: PredictConfig):
+    """Map `Predictor` over a dataset with a decoded `image` column, on an actor pool:
+    one GPU per actor where the cluster has GPUs, CPU actors otherwise."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return ds.map_batches(
+        Predictor,
+        # One copy in the object store for all actors, not one pickled per actor.
+        fn_constructor_kwargs={"checkpoint": ray.put(payload), "top_k": cfg.top_k, "threads": cfg.threads},
+        batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(size=cfg.num_actors or max(1, gpus)),
+        num_gpus=1 if gpus else 0,
+        num_cpus=1,
+    )
+
+
+def predict_labelled(payload: dict, ds) -> tuple[np.ndarray, np.ndarray]:
+    """(true, predicted) label indices over a dataset with columns image and label."""
+    out = add_predictions(ds, payload, PredictConfig(batch_size=256))
+    label_index = {name: i for i, name in payload["id2label"].items()}
+    y_true, y_pred = [], []
+    for batch in out.iter_batches(batch_size=4096, batch_format="numpy"):
+        y_true.append(batch["label"])
+        y_pred.append([label_index[c] for c in batch["predicted_category"]])
+    return np.concatenate(y_true).astype(np.int64), np.concatenate(y_pred).astype(np.int64)
+
+
+def _write_csv(ds, output: str, columns: list[str]) -> tuple[int, int]:
+    """Stream rows into a temp file beside `output`, then rename: a crash leaves no
+    half file under the real name, and an existing output survives until replaced."""
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
+    except OSError as e:
+        raise PredictError(f"cannot write {output!r}: {e.strerror}") from None
+    predicted = failed = 0
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                errors = batch["error"]
+                failed += int(np.sum(errors != ""))
+                predicted += int(np.sum(errors == ""))
+                cols = [_csv_column(batch[c]) for c in columns]
+                writer.writerows(zip(*cols))
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return predicted, failed
+
+
+def _csv_column(values: np.ndarray) -> list:
+    if values.dtype.kind == "f":
+        return ["" if np.isnan(v) else f"{v:.6f}" for v in values]
+    return [str(v) for v in values]

@@ -1,0 +1,186 @@
+"""The training loop that runs on every Ray Train worker.
+
+`train_loop_per_worker(config)` unpacks the config, builds the model, then per epoch
+calls `train_one_epoch` and `evaluate`, and reports metrics plus a checkpoint once.
+Shapes: images arrive as uint8 (B, H, W, 3) at the source size and become float
+(B, 3, S, S) on the device in `preprocess`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fashion_vit.config import METRIC, TrainConfig
+from fashion_vit.metrics import classification_report
+from fashion_vit.model import create_model, save_checkpoint
+from fashion_vit.transforms import Preprocessing, preprocess
+
+MODEL_FILE = "vit_model.pth"
+STATE_FILE = "train_state.pt"  # optimizer/scheduler/epoch, only for resuming a trial
+SHUFFLE_BUFFER = 4096  # rows; ~57 MB of 60x80 uint8 images
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = TrainConfig(**config["train_config"])
+    labels: list[str] = config["labels"]
+    prep = Preprocessing.from_dict(config["preprocessing"])
+    train_rows: int = config["train_rows"]
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Ray sets OMP_NUM_THREADS to the worker's CPU count (1 by default); size torch to it.
+        torch.set_num_threads(cfg.cpus_per_worker)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+
+    model, _ = create_model(cfg, labels)
+    steps_per_epoch = math.ceil(train_rows / world / cfg.batch_size)
+    optimizer = _adamw(model, cfg.lr, cfg.weight_decay)
+    scheduler = _warmup_linear(optimizer, cfg.warmup_ratio, cfg.epochs * steps_per_epoch)
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group or a resumed trial continues where it stopped
+        with checkpoint.as_directory() as d:
+            payload = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+
+    model = ray.train.torch.prepare_model(model)
+    autocast = _autocast(device, cfg.bf16)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch * world + rank)  # flips differ per worker and epoch
+        t0 = time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            device=device,
+            local_shuffle_buffer_size=min(SHUFFLE_BUFFER, max(train_rows // world, 1)),
+            local_shuffle_seed=cfg.seed + epoch,
+        )
+        train_loss, seen = train_one_epoch(model, batches, optimizer, scheduler, prep, cfg.label_smoothing, autocast)
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_cm = evaluate(model, val_shard.iter_torch_batches(batch_size=256, device=device), prep, len(labels), autocast)
+
+        totals = _all_reduce(np.concatenate([[train_loss, seen, val_loss], val_cm.ravel()]), device, world)
+        train_loss, seen, val_loss = totals[:3]
+        val_cm = totals[3:].round().astype(np.int64).reshape(len(labels), len(labels))
+        report = classification_report(val_cm, labels)
+        epoch_seconds = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(train_loss / max(seen, 1)),
+            "val_loss": float(val_loss / max(val_cm.sum(), 1)),
+            METRIC: report["accuracy"],
+            "val_macro_f1": report["macro_f1"],
+            "epoch_seconds": epoch_seconds,
+            "train_seconds": train_seconds,
+            "images_per_second": float(seen / train_seconds),
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint(os.path.join(tmp, MODEL_FILE), model, prep, config["train_config"], {"val": report, **metrics})
+                torch.save(
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
+                    os.path.join(tmp, STATE_FILE),
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs}: train_loss {metrics['train_loss']:.4f} "
+                    f"val_loss {metrics['val_loss']:.4f} val_acc {metrics[METRIC]:.4f} "
+                    f"val_macro_f1 {metrics['val_macro_f1']:.4f} {metrics['images_per_second']:.0f} img/s",
+                    flush=True,
+                )
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, prep: Preprocessing, label_smoothing: float, autocast):
+    """One pass over `batches`; returns (summed loss, images seen)."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    seen = 0
+    for batch in batches:
+        x = preprocess(batch["image"], prep, train=True)
+        y = batch["label"]
+        with autocast():
+            logits = model(pixel_values=x).logits
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # Accumulate on the device: .item() per step would stall a GPU every batch.
+        loss_sum = loss_sum.to(loss.device) + loss.detach().double() * len(y)
+        seen += len(y)
+    return float(loss_sum), seen
+
+
+@torch.no_grad()
+def evaluate(model, batches, prep: Preprocessing, num_classes: int, autocast):
+    """Returns (summed cross-entropy, confusion matrix) over `batches`."""
+    model.eval()
+    loss_sum = 0.0
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    for batch in batches:
+        x = preprocess(batch["image"], prep)
+        y = batch["label"]
+        with autocast():
+            logits = model(pixel_values=x).logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        cm += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes * num_classes)
+    return loss_sum, cm.numpy().reshape(num_classes, num_classes)
+
+
+def _adamw(model, lr: float, weight_decay: float):
+    # As transformers' Trainer does: no decay on biases and LayerNorm weights.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _warmup_linear(optimizer, warmup_ratio: float, total_steps: int):
+    """Linear warmup over warmup_ratio of the steps, then linear decay to 0 (the
+    transformers Trainer default schedule, which the baseline recipe assumes)."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _all_reduce(values: np.ndarray, device: torch.device, world: int) -> np.ndarray:
+    if world == 1:
+        return values.astype(np.float64)
+    import torch.distributed as dist
+
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.cpu().numpy()

@@ -1,0 +1,267 @@
+"""The tuning driver: data and model checks on the driver, then Ray Tune runs one trial
+per configuration, each trial a Ray Train `TorchTrainer`; the best checkpoint over all
+trials is scored once on the test split and exported as `vit_model.pth`.
+
+Shaped like Ray's Train-in-Tune guide: Tune drives a function trainable
+(`train_driver_fn`) that builds the TorchTrainer and forwards its reports to Tune
+through `TuneReportCallback`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from fashion_vit.config import METRIC, TrainConfig
+from fashion_vit.data import load_data, infer_source_size, stratified_split, to_ray_datasets, class_counts
+from fashion_vit.metrics import classification_report, confusion_matrix, format_report
+from fashion_vit.model import create_model, read_checkpoint, atomic_torch_save
+from fashion_vit.train import MODEL_FILE, train_loop_per_worker
+from fashion_vit.transforms import Preprocessing
+
+# Hyperparameters a trial may vary; the rest of TrainConfig is fixed for the experiment.
+HYPERPARAMETERS = ("lr", "batch_size", "weight_decay", "warmup_ratio", "label_smoothing")
+CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to a result that has a checkpoint
+
+
+@dataclass
+class TuneOutcome:
+    model_path: str
+    summary_path: str
+    best: dict  # the best trial: config, validation metrics, test report
+    trials: list[dict] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+def search_space(cfg: TrainConfig) -> dict:
+    """What `--search asha` samples. Ranges centre on the fine-tuning recipe; batch size
+    moves the step count, so it is searched on a small grid."""
+    from ray import tune
+
+    return {
+        "lr": tune.loguniform(5e-6, 2e-4),
+        "batch_size": tune.choice(sorted({max(8, cfg.batch_size // 2), cfg.batch_size, cfg.batch_size * 2})),
+        "weight_decay": tune.choice([0.0, 0.01, 0.05]),
+        "warmup_ratio": tune.choice([0.0, 0.05, 0.1]),
+        "label_smoothing": tune.choice([0.0, 0.1]),
+    }
+
+
+def baseline(cfg: TrainConfig) -> dict:
+    return {k: getattr(cfg, k) for k in HYPERPARAMETERS}
+
+
+def trials_that_fit(cfg: TrainConfig, use_gpu: bool) -> int:
+    """How many trials' worker groups the cluster holds at once. Tune cannot see the
+    resources a trial's TorchTrainer will ask for, and a trial started without room for
+    its workers would wait for them and time out."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if use_gpu:
+        return max(1, int(resources.get("GPU", 0) // cfg.num_workers))
+    return max(1, int(resources.get("CPU", 1) // (cfg.num_workers * cfg.cpus_per_worker)))
+
+
+def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
+    """One Tune trial: a TorchTrainer over the trial's hyperparameters."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = TrainConfig(**setup["train_config"])
+    trial_cfg = replace(cfg, **{k: config[k] for k in HYPERPARAMETERS})
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**setup, "train_config": asdict(trial_cfg)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=setup["use_gpu"],
+            resources_per_worker=None if setup["use_gpu"] else {"CPU": cfg.cpus_per_worker},
+        ),
+        datasets=datasets,
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-train-{trial_id}",
+            storage_path=setup["storage"],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.num_to_keep,
+                checkpoint_score_attribute=METRIC,
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def run(cfg: TrainConfig, log=print) -> TuneOutcome:
+    """The whole `jobs/tune.py`: load and split data, tune, export the best model."""
+    timings = {}
+    t = time.perf_counter()
+    data = load_data(cfg)
+    splits = stratified_split(data.frame["label"].to_numpy(), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    log(data.summary())
+    log("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    if len(splits["val"]) == 0 or len(splits["test"]) == 0:
+        from fashion_vit.data import DataError
+
+        raise DataError("too few rows to hold out validation and test images; use more data")
+    # Check the model can be had before any trial starts (and get its mean/std).
+    _, (mean, std) = create_model(cfg, data.labels)
+    source_size = infer_source_size(data.frame["image"], cfg.image_size)
+    prep = Preprocessing(image_size=cfg.image_size, source_size=source_size, mean=tuple(mean), std=tuple(std))
+    timings["data_load_s"] = time.perf_counter() - t
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    t = time.perf_counter()
+    ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=True)
+    timings["ray_start_s"] = time.perf_counter() - t
+    # Per-shard progress bars from every worker, every epoch, drown the epoch lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    t = time.perf_counter()
+    datasets, undecodable = to_ray_datasets(data.frame, splits, source_size)
+    if undecodable:
+        log(f"{undecodable} images skipped: they did not decode")
+    test_ds = datasets.pop("test")
+    timings["decode_s"] = time.perf_counter() - t
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    storage = os.path.abspath(cfg.storage or os.path.join(cfg.output_dir, "experiments"))
+    setup = {
+        "train_config": asdict(cfg),
+        "labels": data.labels,
+        "preprocessing": prep.to_dict(),
+        "train_rows": datasets["train"].count(),
+        "use_gpu": use_gpu,
+        "storage": storage,
+    }
+    searching = cfg.search == "asha"
+    tune_config = tune.TuneConfig(
+        metric=METRIC,
+        mode="max",
+        # The baseline is always the first trial; --search adds num_samples sampled ones.
+        search_alg=BasicVariantGenerator(points_to_evaluate=[baseline(cfg)], random_state=cfg.seed),
+        num_samples=1 + (cfg.num_samples if searching else 0),
+        scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=1, reduction_factor=2)
+        if searching
+        else None,
+        max_concurrent_trials=cfg.max_concurrent_trials or trials_that_fit(cfg, use_gpu),
+    )
+    trainable = tune.with_parameters(train_driver_fn, setup=setup, datasets=datasets)
+    # The trial function only waits on its TorchTrainer; its workers hold the CPUs/GPUs.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 256 * 1024**2})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(cfg) if searching else baseline(cfg),
+        tune_config=tune_config,
+        run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1),
+    )
+    t = time.perf_counter()
+    results = tuner.fit()
+    timings["tune_s"] = time.perf_counter() - t
+
+    trials = [_trial_summary(r) for r in results]
+    candidates = [(trial, row) for trial in trials for row in trial["history"] if row.get(CHECKPOINT_PATH)]
+    if not candidates:
+        errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"]) or "no checkpoint was reported"
+        raise RuntimeError(f"no trial produced a checkpoint ({errors})")
+    best_trial, best_row = max(candidates, key=lambda c: (c[1][METRIC], -c[1]["val_loss"]))
+
+    t = time.perf_counter()
+    payload = _read_remote_checkpoint(best_row[CHECKPOINT_PATH])
+    test_report = score_test_split(payload, test_ds, data.labels)
+    payload["metrics"]["test"] = test_report
+    model_path = os.path.join(cfg.output_dir, "vit_model.pth")
+    atomic_torch_save(payload, model_path)
+    timings["test_and_export_s"] = time.perf_counter() - t
+
+    best = {
+        "trial_id": best_trial["trial_id"],
+        "epoch": best_row["epoch"],
+        "config": best_trial["config"],
+        "val": {k: best_row[k] for k in (METRIC, "val_macro_f1", "val_loss")},
+        "test": test_report,
+        "checkpoint": best_row[CHECKPOINT_PATH],
+    }
+    summary = {
+        "data": {
+            "source": data.source,
+            "labels": data.labels,
+            "dropped": data.dropped,
+            "repaired_lines": data.repaired,
+            "undecodable": undecodable,
+            "split_sizes": {k: int(len(v)) for k, v in splits.items()},
+            "class_counts": {k: class_counts(data.frame["label"].to_numpy()[v], len(data.labels)) for k, v in splits.items()},
+        },
+        "preprocessing": prep.to_dict(),
+        "train_config": asdict(cfg),
+        "experiment": os.path.join(storage, cfg.name),
+        "best": best,
+        "trials": [{k: v for k, v in t.items()} for t in trials],
+        "timings": timings,
+    }
+    summary_path = os.path.join(cfg.output_dir, "summary.json")
+    _atomic_write_text(summary_path, json.dumps(summary, indent=2, default=_json_default))
+    log(format_report(test_report))
+    return TuneOutcome(model_path=model_path, summary_path=summary_path, best=best, trials=trials, timings=timings)
+
+
+def score_test_split(payload: dict, test_ds, labels: list[str]) -> dict:
+    """Test metrics of one checkpoint, computed once, with the batch-inference predictor."""
+    from fashion_vit.predict import predict_labelled
+
+    y_true, y_pred = predict_labelled(payload, test_ds)
+    return classification_report(confusion_matrix(y_true, y_pred, len(labels)), labels)
+
+
+def _trial_summary(result) -> dict:
+    df = result.metrics_dataframe
+    keep = ["epoch", "train_loss", "val_loss", METRIC, "val_macro_f1", "epoch_seconds", "images_per_second", CHECKPOINT_PATH]
+    history = [] if df is None or df.empty else df[[c for c in keep if c in df.columns]].to_dict("records")
+    history = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))} for row in history]
+    config = {k: result.config[k] for k in HYPERPARAMETERS if k in result.config}
+    return {
+        "trial_id": result.metrics.get("trial_id") if result.metrics else None,
+        "config": config,
+        "epochs_run": len(history),
+        "best_" + METRIC: max((r[METRIC] for r in history), default=None),
+        "error": str(result.error).splitlines()[0] if result.error else None,
+        "history": history,
+    }
+
+
+def _read_remote_checkpoint(path: str) -> dict:
+    """Read vit_model.pth out of a Train checkpoint wherever storage put it (local, NFS, s3://)."""
+    import ray.train
+
+    with ray.train.Checkpoint(path).as_directory() as d:
+        return read_checkpoint(os.path.join(d, MODEL_FILE))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    return str(o)

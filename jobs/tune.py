@@ -1,0 +1,78 @@
+"""Fine-tune a ViT on fashion product images with Ray Train inside Ray Tune.
+
+    python jobs/tune.py                                   # the baseline fine-tune
+    python jobs/tune.py --search asha --num-samples 8     # + 8 sampled trials under ASHA
+    python jobs/tune.py --data-dir DIR --from-scratch --vit-size tiny   # offline
+
+The best-accuracy model lands in results/vit_model.pth, a summary in results/summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fashion_vit import tune  # noqa: E402
+from fashion_vit.cli import positive_float, positive_int, run_job  # noqa: E402
+from fashion_vit.config import SEARCHES, VIT_SIZES, TrainConfig  # noqa: E402
+
+
+def parse_args(argv=None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="local folder in the Kaggle layout (styles.csv + images/<id>.jpg) instead of the hub dataset")
+    g.add_argument("--dataset", default=d.dataset, help="Hugging Face dataset id (default: %(default)s)")
+    g.add_argument("--label-column", default=d.label_column, help="column to classify: masterCategory (6 labels), subCategory, articleType, ... (default: %(default)s)")
+    g.add_argument("--limit", type=positive_int, help="train on a stratified sample of this many rows (quick runs)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help="hub id or local folder of a pretrained ViT (default: %(default)s)")
+    g.add_argument("--from-scratch", action="store_true", help="randomly initialised ViT of --vit-size instead of --model (offline machines)")
+    g.add_argument("--vit-size", choices=VIT_SIZES, default=d.vit_size, help="size for --from-scratch (default: %(default)s)")
+    g.add_argument("--image-size", type=positive_int, default=d.image_size, help="model input side in pixels, a multiple of 16 (default: %(default)s)")
+    g = p.add_argument_group("training (the baseline trial; --search varies these)")
+    g.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs per trial (default: %(default)s)")
+    g.add_argument("--lr", type=positive_float, default=d.lr, help="AdamW learning rate (default: %(default)s)")
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="images per step per worker (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of steps with linear warmup before linear decay (default: %(default)s)")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing (default: %(default)s)")
+    g.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 on GPUs too")
+    g = p.add_argument_group("search")
+    g.add_argument("--search", choices=SEARCHES, default=d.search, help="none: the baseline only; asha: baseline + --num-samples sampled trials, stopped early by ASHA (default: %(default)s)")
+    g.add_argument("--num-samples", type=positive_int, default=d.num_samples, help="sampled trials for --search asha (default: %(default)s)")
+    g.add_argument("--max-concurrent-trials", type=positive_int, help="cap on trials running at once (default: as resources allow)")
+    g = p.add_argument_group("resources and outputs")
+    g.add_argument("--num-workers", type=positive_int, default=d.num_workers, help="data-parallel workers per trial (default: %(default)s)")
+    g.add_argument("--cpus-per-worker", type=positive_int, default=d.cpus_per_worker, help="CPUs (and torch threads) per CPU worker (default: %(default)s)")
+    gpu = g.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker (default: when the cluster has GPUs)")
+    gpu.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="train on CPUs even if GPUs exist")
+    g.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--output-dir", default=d.output_dir, help="where vit_model.pth and summary.json go (default: %(default)s)")
+    g.add_argument("--storage", help="Ray experiment storage, a path or URI (default: <output-dir>/experiments)")
+    g.add_argument("--name", default=d.name, help="experiment name (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for the split, sampling and init (default: %(default)s)")
+    args = p.parse_args(argv)
+    return TrainConfig(**vars(args))
+
+
+def main(argv=None) -> int:
+    def job():
+        cfg = parse_args(argv).validate()
+        outcome = tune.run(cfg)
+        best = outcome.best
+        print(
+            f"best trial {best['trial_id']} (epoch {best['epoch']}): val_accuracy {best['val']['val_accuracy']:.4f}, "
+            f"test accuracy {best['test']['accuracy']:.4f}, test macro-F1 {best['test']['macro_f1']:.4f}\n"
+            f"model: {outcome.model_path}\nsummary: {outcome.summary_path}"
+        )
+
+    return run_job("tune.py", job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
