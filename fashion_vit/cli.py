@@ -9,6 +9,13 @@ import sys
 from fashion_vit.config import ConfigError, FashionVitError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, not a screenful of usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def run_job(prog: str, fn) -> int:
     """Run `fn()`; a user-fixable error prints `prog: error: ...` and returns 2 for a bad
     flag (before any work starts) or 1 for a failure while running."""

@@ -106,11 +106,17 @@ class TrainConfig:
             if not 0 < frac < 0.5:
                 raise ConfigError(f"{flag} must be in (0, 0.5), got {frac}")
         if self.data_dir is not None:
-            if "://" not in self.data_dir and not os.path.isdir(self.data_dir):
+            if not os.path.isdir(self.data_dir):
                 raise ConfigError(f"--data-dir {self.data_dir!r} is not a folder")
-            if "://" not in self.data_dir and not os.path.isfile(os.path.join(self.data_dir, "styles.csv")):
+            styles = os.path.join(self.data_dir, "styles.csv")
+            if not os.path.isfile(styles):
                 raise ConfigError(f"--data-dir {self.data_dir!r} has no styles.csv (expected the Kaggle layout: styles.csv + images/)")
-        if not self.from_scratch and os.path.sep in self.model and not os.path.isdir(self.model):
+            with open(styles, encoding="utf-8", errors="replace") as f:
+                header = [h.strip() for h in f.readline().strip().split(",")]
+            if self.label_column not in header:
+                raise ConfigError(f"--label-column {self.label_column!r} is not a column of {styles} (columns: {', '.join(header)})")
+        # A hub id is "org/name"; a path is what starts like one.
+        if not self.from_scratch and self.model.startswith((".", "/", "~")) and not os.path.isdir(self.model):
             raise ConfigError(f"--model {self.model!r} looks like a path but is not a folder")
         return self
 
@@ -141,11 +147,13 @@ class PredictConfig:
             _positive("--threads", self.threads)
         if "://" not in self.model and not os.path.exists(self.model):
             raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
-        out_dir = os.path.dirname(os.path.abspath(self.output))
         if os.path.isdir(self.output):
             raise ConfigError(f"--output {self.output!r} is a folder; give a file path such as predictions.csv")
-        if os.path.exists(out_dir) and not os.access(out_dir, os.W_OK):
-            raise ConfigError(f"--output folder {out_dir!r} is not writable")
+        parent = os.path.dirname(os.path.abspath(self.output))
+        while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ConfigError(f"--output {self.output!r} is not writable ({parent} is not a writable folder)")
         return self
 
 

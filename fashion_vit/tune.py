@@ -40,12 +40,13 @@ class TuneOutcome:
 
 
 def search_space(cfg: TrainConfig) -> dict:
-    """What `--search asha` samples. Ranges centre on the fine-tuning recipe; batch size
-    moves the step count, so it is searched on a small grid."""
+    """What `--search asha` samples, centred on the baseline recipe; batch size moves the
+    step count, so it is searched on a small grid."""
     from ray import tune
 
     return {
-        "lr": tune.loguniform(5e-6, 2e-4),
+        # A decade either side of the recipe's rate: fits fine-tuning and from-scratch alike.
+        "lr": tune.loguniform(cfg.lr / 10, min(cfg.lr * 10, 0.5)),
         "batch_size": tune.choice(sorted({max(8, cfg.batch_size // 2), cfg.batch_size, cfg.batch_size * 2})),
         "weight_decay": tune.choice([0.0, 0.01, 0.05]),
         "warmup_ratio": tune.choice([0.0, 0.05, 0.1]),
@@ -149,16 +150,17 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
         "storage": storage,
     }
     searching = cfg.search == "asha"
+    concurrency = cfg.max_concurrent_trials or trials_that_fit(cfg, use_gpu)
     tune_config = tune.TuneConfig(
         metric=METRIC,
         mode="max",
         # The baseline is always the first trial; --search adds num_samples sampled ones.
-        search_alg=BasicVariantGenerator(points_to_evaluate=[baseline(cfg)], random_state=cfg.seed),
+        # (A search_alg passed in ignores TuneConfig.max_concurrent_trials: set it here.)
+        search_alg=BasicVariantGenerator(points_to_evaluate=[baseline(cfg)], max_concurrent=concurrency, random_state=cfg.seed),
         num_samples=1 + (cfg.num_samples if searching else 0),
         scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=1, reduction_factor=2)
         if searching
         else None,
-        max_concurrent_trials=cfg.max_concurrent_trials or trials_that_fit(cfg, use_gpu),
     )
     trainable = tune.with_parameters(train_driver_fn, setup=setup, datasets=datasets)
     # The trial function only waits on its TorchTrainer; its workers hold the CPUs/GPUs.

@@ -8,20 +8,20 @@ by path; files that cannot be decoded get a row with the reason in `error`.
 
 from __future__ import annotations
 
-import argparse
 import os
+from argparse import RawDescriptionHelpFormatter
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fashion_vit import predict  # noqa: E402
-from fashion_vit.cli import positive_int, run_job  # noqa: E402
+from fashion_vit.cli import ArgumentParser, positive_int, run_job  # noqa: E402
 from fashion_vit.config import PredictConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> PredictConfig:
     d = PredictConfig()
-    p = argparse.ArgumentParser(prog="batch_predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="batch_predict.py", description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     p.add_argument("--input", dest="inputs", action="append", required=True, help="folder (or s3://, gs:// URI) searched recursively for images; repeatable")
     p.add_argument("--model", default=d.model, help="vit_model.pth from jobs/tune.py, or a Hugging Face model folder (default: %(default)s)")
     p.add_argument("--output", default=d.output, help="CSV to write (default: %(default)s)")

@@ -9,20 +9,20 @@ The best-accuracy model lands in results/vit_model.pth, a summary in results/sum
 
 from __future__ import annotations
 
-import argparse
 import os
+from argparse import RawDescriptionHelpFormatter
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fashion_vit import tune  # noqa: E402
-from fashion_vit.cli import positive_float, positive_int, run_job  # noqa: E402
+from fashion_vit.cli import ArgumentParser, positive_float, positive_int, run_job  # noqa: E402
 from fashion_vit.config import SEARCHES, VIT_SIZES, TrainConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> TrainConfig:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="tune.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="tune.py", description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", help="local folder in the Kaggle layout (styles.csv + images/<id>.jpg) instead of the hub dataset")
     g.add_argument("--dataset", default=d.dataset, help="Hugging Face dataset id (default: %(default)s)")

@@ -1,0 +1,98 @@
+"""Batch inference throughput: jobs/batch_predict.py end to end against a plain
+PyTorch loop over the same files and the same model, measured in one run.
+
+    python bench/predict_throughput.py --images 20000 --vit-size tiny --image-size 224
+
+The plain loop reads, decodes (the project's decode_image), preprocesses (the
+project's preprocess) and runs the model in batches on all cores: the ceiling for
+one machine. The job is timed as a whole process (Ray start, listing, CSV included).
+Prints both rates and their ratio last. Needs ../shared/data/fashion-small (or --data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fashion_vit.config import MASTER_CATEGORIES, TrainConfig  # noqa: E402
+from fashion_vit.model import create_model, load_checkpoint, model_from_payload, save_checkpoint  # noqa: E402
+from fashion_vit.transforms import Preprocessing, decode_image, preprocess  # noqa: E402
+
+
+def make_folder(data: Path, n: int, dest: Path) -> Path:
+    images = sorted((data / "images").iterdir())[:n]
+    if len(images) < n:
+        sys.exit(f"only {len(images)} images in {data}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in images:
+        link = dest / p.name
+        if not link.exists():
+            os.symlink(p, link)
+    return dest
+
+
+def plain_loop(folder: Path, model_path: Path, batch_size: int) -> float:
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, prep = model_from_payload(load_checkpoint(str(model_path)))
+    paths = sorted(str(p) for p in folder.iterdir())
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i : i + batch_size]
+            x = torch.from_numpy(np.stack([decode_image(open(p, "rb").read(), prep.source_size) for p in chunk]))
+            model(pixel_values=preprocess(x, prep)).logits.softmax(1).max(1)
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def job(folder: Path, model_path: Path, out: Path, batch_size: int) -> float:
+    n = sum(1 for _ in folder.iterdir())
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "batch_predict.py"), "--input", str(folder), "--model", str(model_path),
+         "--output", str(out), "--batch-size", str(batch_size)],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "fashion-small")
+    p.add_argument("--images", type=int, default=20000)
+    p.add_argument("--vit-size", default="tiny", choices=("tiny", "small", "base"))
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--runs", type=int, default=1, help="paired runs; medians reported")
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
+    args = p.parse_args()
+
+    folder = make_folder(args.data, args.images, args.work / f"images-{args.images}")
+    model_path = args.work / f"vit-{args.vit_size}-{args.image_size}.pth"
+    torch.manual_seed(0)
+    model, (mean, std) = create_model(TrainConfig(from_scratch=True, vit_size=args.vit_size, image_size=args.image_size), list(MASTER_CATEGORIES))
+    save_checkpoint(str(model_path), model, Preprocessing(args.image_size, (80, 60), mean, std), {}, {})
+
+    plain, ours = [], []
+    for run in range(args.runs):
+        plain.append(plain_loop(folder, model_path, args.batch_size))
+        ours.append(job(folder, model_path, args.work / "pred.csv", args.batch_size))
+        print(f"run {run + 1}: plain loop {plain[-1]:.1f} img/s, jobs/batch_predict.py {ours[-1]:.1f} img/s", flush=True)
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, ViT-{args.vit_size} at {args.image_size}, {args.images} images, batch {args.batch_size}")
+    print(f"median plain loop: {statistics.median(plain):.1f} img/s")
+    print(f"median jobs/batch_predict.py: {statistics.median(ours):.1f} img/s")
+    print(f"ratio (job / plain): {statistics.median(ours) / statistics.median(plain):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Shared fixtures: real images from ../shared/data/fashion-small, one Ray for the
+whole session, and one tiny model trained through jobs/tune.py for the tests that
+need a trained model."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FASHION_SMALL", ROOT.parent / "shared" / "data" / "fashion-small"))
+# Small real samples: CI runs on 2 cores.
+TRAIN_ROWS = 1500
+HOLDOUT_ROWS = 300
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED / "styles.csv").is_file():
+        pytest.fail(f"real test data not found at {SHARED} (set FASHION_SMALL to a Kaggle-layout folder)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def styles_rows(shared_data) -> tuple[list[str], list[list[str]]]:
+    with open(shared_data / "styles.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def make_kaggle_folder(dest: Path, header: list[str], rows: list[list[str]], images: Path) -> Path:
+    """A Kaggle-layout folder whose images are symlinks to the real ones."""
+    (dest / "images").mkdir(parents=True)
+    with open(dest / "styles.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    for row in rows:
+        os.symlink(images / f"{row[0]}.jpg", dest / "images" / f"{row[0]}.jpg")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def samples(styles_rows, shared_data, tmp_path_factory):
+    """Disjoint seeded samples of real rows: a training folder and a holdout folder."""
+    header, rows = styles_rows
+    rows = [r for r in rows if r[2] != "Home"]
+    random.Random(1234).shuffle(rows)
+    train = make_kaggle_folder(tmp_path_factory.mktemp("train"), header, rows[:TRAIN_ROWS], shared_data / "images")
+    holdout = make_kaggle_folder(
+        tmp_path_factory.mktemp("holdout"), header, rows[TRAIN_ROWS : TRAIN_ROWS + HOLDOUT_ROWS], shared_data / "images"
+    )
+    return {"train": train, "holdout": holdout, "holdout_rows": rows[TRAIN_ROWS : TRAIN_ROWS + HOLDOUT_ROWS]}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the session; the jobs' own ray.init() reuses it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+# A from-scratch tiny ViT at 32x32 learns the coarse categories in a few CPU epochs.
+TINY_ARGS = ["--from-scratch", "--vit-size", "tiny", "--image-size", "32", "--lr", "1e-3", "--warmup-ratio", "0.1"]
+
+
+@pytest.fixture(scope="session")
+def trained(samples, ray_session, tmp_path_factory):
+    """jobs/tune.py run once, end to end, on the real training sample."""
+    from jobs import tune as tune_job
+
+    out = tmp_path_factory.mktemp("results")
+    argv = ["--data-dir", str(samples["train"]), *TINY_ARGS, "--epochs", "4", "--output-dir", str(out)]
+    assert tune_job.main(argv) == 0
+    return out

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fashion_vit.config import MASTER_CATEGORIES, ConfigError, TrainConfig
+from fashion_vit.data import DataError, load_data, read_styles_csv, stratified_sample, stratified_split
+from tests.conftest import ROOT
+
+HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
+
+
+@pytest.fixture
+def quirky_folder(tmp_path, shared_data, styles_rows):
+    """A styles.csv with the original Kaggle file's quirks, over real images."""
+    _, rows = styles_rows
+    by_cat = {}
+    for r in rows:
+        by_cat.setdefault(r[2], []).append(r)
+    real = by_cat["Apparel"][:6] + by_cat["Footwear"][:4] + by_cat["Accessories"][:3] + by_cat["Home"][:1]
+    (tmp_path / "images").mkdir()
+    lines = [HEADER]
+    for r in real:
+        os.symlink(shared_data / "images" / f"{r[0]}.jpg", tmp_path / "images" / f"{r[0]}.jpg")
+        lines.append(",".join(r))
+    # Unquoted commas inside productDisplayName, the last column (22 such lines in Kaggle's file).
+    a = by_cat["Apparel"][10]
+    os.symlink(shared_data / "images" / f"{a[0]}.jpg", tmp_path / "images" / f"{a[0]}.jpg")
+    lines.append(",".join(a[:9]) + ",Puma Men, Women Unisex, Blue Tshirt")
+    lines.append("999999991,Men,Apparel,Topwear,Tshirts,Blue,Summer,2012,Casual,No image for this row")
+    lines.append("999999992,Men,Apparel")  # truncated line
+    b = by_cat["Apparel"][11]  # a real image whose row lost its label
+    os.symlink(shared_data / "images" / f"{b[0]}.jpg", tmp_path / "images" / f"{b[0]}.jpg")
+    lines.append(",".join([b[0], b[1], "", *b[3:]]))
+    (tmp_path / "styles.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path, a
+
+
+def test_styles_csv_quirks_are_repaired_or_skipped_and_counted(quirky_folder):
+    folder, repaired_row = quirky_folder
+    table, repaired, skipped = read_styles_csv(str(folder / "styles.csv"))
+    assert repaired == 1 and skipped == 1
+    row = table[table["id"] == repaired_row[0]].iloc[0]
+    assert row["productDisplayName"] == "Puma Men, Women Unisex, Blue Tshirt"
+    assert row["masterCategory"] == "Apparel"
+
+
+def test_load_data_drops_and_counts_unusable_rows(quirky_folder):
+    folder, repaired_row = quirky_folder
+    data = load_data(TrainConfig(data_dir=str(folder)))
+    assert data.labels == list(MASTER_CATEGORIES)
+    assert len(data.frame) == 6 + 4 + 3 + 1  # real rows + the repaired one; Home dropped
+    assert data.repaired == 1
+    assert data.dropped["image file missing"] == 1
+    assert data.dropped["malformed line"] == 1
+    assert data.dropped["no label"] == 1
+    assert sum(v for k, v in data.dropped.items() if k.startswith("label outside")) == 1
+    assert int(repaired_row[0]) in set(data.frame["id"])
+    # bytes of the real JPEG, not a path
+    assert all(isinstance(b, bytes) and b[:2] == b"\xff\xd8" for b in data.frame["image"])
+    assert "Home" in data.summary() and "repaired" in data.summary()
+
+
+def test_other_label_column_takes_labels_from_data(quirky_folder):
+    folder, _ = quirky_folder
+    data = load_data(TrainConfig(data_dir=str(folder), label_column="subCategory"))
+    assert data.labels == sorted(set(data.labels))
+    assert "Topwear" in data.labels and "Shoes" in data.labels
+
+
+def test_stratified_split_is_deterministic_disjoint_and_proportional(shared_data):
+    data = load_data(TrainConfig(data_dir=str(shared_data), limit=3000, seed=7))
+    labels = data.frame["label"].to_numpy()
+    a = stratified_split(labels, 0.1, 0.1, seed=42)
+    b = stratified_split(labels, 0.1, 0.1, seed=42)
+    c = stratified_split(labels, 0.1, 0.1, seed=43)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["test"], c["test"])
+    all_idx = np.concatenate([a["train"], a["val"], a["test"]])
+    assert len(all_idx) == len(labels) == len(set(all_idx.tolist()))
+    for cls in np.unique(labels):
+        n = (labels == cls).sum()
+        n_test = (labels[a["test"]] == cls).sum()
+        if n >= 3:
+            assert n_test >= 1 and abs(n_test - n * 0.1) <= 1
+
+
+def test_split_does_not_depend_on_row_order(quirky_folder, tmp_path):
+    folder, _ = quirky_folder
+    lines = (folder / "styles.csv").read_text().splitlines()
+    (folder / "styles.csv").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    d1 = load_data(TrainConfig(data_dir=str(folder)))
+    assert list(d1.frame["id"]) == sorted(d1.frame["id"])
+
+
+def test_stratified_sample_keeps_class_shares():
+    labels = np.array([0] * 700 + [1] * 200 + [2] * 100)
+    idx = stratified_sample(labels, 100, seed=0)
+    assert len(idx) == 100
+    assert np.bincount(labels[idx]).tolist() == [70, 20, 10]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--epochs", "-1"], "--epochs"),
+        (["--lr", "0"], "--lr"),
+        (["--data-dir", "/no/such/folder"], "is not a folder"),
+        (["--label-column", "colour"], "--label-column"),
+        (["--image-size", "100"], "multiple of the patch size"),
+    ],
+)
+def test_invalid_flags_exit_2_with_one_line(flags, message, shared_data):
+    argv = ["--data-dir", str(shared_data), *flags] if "--data-dir" not in flags else flags
+    proc = subprocess.run([sys.executable, "jobs/tune.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # argparse adds its usage line
+
+
+def test_config_validate_rejects_bad_values():
+    with pytest.raises(ConfigError):
+        TrainConfig(warmup_ratio=1.5).validate()
+    with pytest.raises(ConfigError):
+        TrainConfig(search="grid").validate()
+
+
+def _offline_env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME="/tmp/fashion-vit-empty-hf-home")
+    return env
+
+
+def test_hub_dataset_offline_error_names_the_flag():
+    proc = subprocess.run(
+        [sys.executable, "jobs/tune.py", "--epochs", "1"],
+        cwd=ROOT, capture_output=True, text=True, env=_offline_env(), timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "ashraq/fashion-product-images-small" in proc.stderr and "--data-dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_hub_model_offline_error_names_the_flags(shared_data):
+    proc = subprocess.run(
+        [sys.executable, "jobs/tune.py", "--data-dir", str(shared_data), "--limit", "50"],
+        cwd=ROOT, capture_output=True, text=True, env=_offline_env(), timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "google/vit-base-patch16-224-in21k" in proc.stderr
+    assert "--from-scratch" in proc.stderr and "--model DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_load_data_unknown_label_column_is_a_data_error(quirky_folder):
+    folder, _ = quirky_folder
+    with pytest.raises(DataError, match="colour"):
+        load_data(TrainConfig(data_dir=str(folder), label_column="colour"))

@@ -1,0 +1,192 @@
+"""Batch inference through the real Ray Data path."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashion_vit.model import load_checkpoint, model_from_payload
+from fashion_vit.predict import PredictError, _write_csv, list_images
+from fashion_vit.transforms import decode_image, preprocess
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def messy_tree(tmp_path, shared_data):
+    """Nested folders with every kind of file a crawl holds."""
+    src = sorted((shared_data / "images").iterdir())[:12]
+    root = tmp_path / "in"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "c").mkdir()
+    good = []
+    for i, p in enumerate(src[:8]):
+        dest = root / ("a" if i % 2 else "a/b") / (p.stem + (".JPG" if i == 3 else ".jpg"))
+        shutil.copy(p, dest)
+        good.append(dest)
+    rgba = Image.open(src[8]).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "c" / "alpha.PNG")
+    Image.open(src[9]).convert("L").save(root / "c" / "gray.jpeg")
+    Image.open(src[10]).convert("CMYK").save(root / "c" / "cmyk.jpg")
+    Image.open(src[11]).save(root / "c" / "photo.webp")
+    good += [root / "c" / n for n in ("alpha.PNG", "gray.jpeg", "cmyk.jpg", "photo.webp")]
+    data = src[0].read_bytes()
+    (root / "c" / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (root / "c" / "zero.jpg").write_bytes(b"")
+    (root / "c" / "text.jpg").write_text("this is not an image\n")
+    (root / "notes.txt").write_text("ignore me")
+    (root / "a" / "styles.csv").write_text("id\n1\n")
+    bad = {"truncated.jpg": "truncated", "zero.jpg": "empty", "text.jpg": "not an image"}
+    return root, good, bad
+
+
+def test_every_image_named_file_gets_exactly_one_row(trained, messy_tree, tmp_path, ray_session):
+    from jobs import batch_predict
+
+    root, good, bad = messy_tree
+    out = tmp_path / "out" / "pred.csv"
+    assert batch_predict.main(["--input", str(root), "--model", str(trained / "vit_model.pth"), "--output", str(out), "--top-k", "3"]) == 0
+    rows = read_csv(out)
+    assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
+    assert len(rows) == len(good) + len(bad)
+    by_name = {os.path.basename(r["path"]): r for r in rows}
+    for p in good:
+        r = by_name[p.name]
+        assert r["error"] == "" and r["predicted_category"] and 0 < float(r["confidence"]) <= 1
+        assert r["label_1"] == r["predicted_category"] and float(r["prob_1"]) >= float(r["prob_2"]) >= float(r["prob_3"])
+    for name, reason in bad.items():
+        r = by_name[name]
+        assert reason in r["error"] and r["predicted_category"] == "" and r["confidence"] == ""
+    assert list_images([str(root)])[1] == 2  # notes.txt, styles.csv
+    assert not [p for p in os.listdir(out.parent) if p != "pred.csv"]  # no temp files left
+
+
+def test_ray_path_equals_a_direct_forward_pass(trained, samples, tmp_path, ray_session):
+    from jobs import batch_predict
+
+    model_path = trained / "vit_model.pth"
+    folder = samples["holdout"] / "images"
+    out = tmp_path / "pred.csv"
+    assert batch_predict.main(["--input", str(folder), "--model", str(model_path), "--output", str(out), "--batch-size", "16"]) == 0
+    rows = read_csv(out)
+
+    import torch
+
+    payload = load_checkpoint(str(model_path))
+    model, prep = model_from_payload(payload)
+    paths = sorted(str(p) for p in folder.iterdir())
+    assert [r["path"] for r in rows] == paths
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([decode_image(open(p, "rb").read(), prep.source_size) for p in paths]))
+        probs = model(pixel_values=preprocess(x, prep)).logits.softmax(1)
+    conf, idx = probs.max(1)
+    for r, c, i in zip(rows, conf.tolist(), idx.tolist()):
+        assert r["predicted_category"] == payload["id2label"][i]
+        assert float(r["confidence"]) == pytest.approx(c, abs=2e-6)
+
+
+def test_predictions_on_unseen_real_images_beat_the_majority_class(trained, samples, tmp_path, ray_session):
+    from jobs import batch_predict
+
+    out = tmp_path / "pred.csv"
+    assert batch_predict.main(["--input", str(samples["holdout"]), "--model", str(trained / "vit_model.pth"), "--output", str(out)]) == 0
+    truth = {r[0]: r[2] for r in samples["holdout_rows"]}
+    rows = read_csv(out)
+    assert len(rows) == len(truth)
+    correct = sum(r["predicted_category"] == truth[os.path.basename(r["path"]).split(".")[0]] for r in rows)
+    majority = max(list(truth.values()).count(v) for v in set(truth.values()))
+    assert correct / len(rows) > majority / len(rows) + 0.1, (correct, majority, len(rows))
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "jobs/batch_predict.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_model_file_is_refused(tmp_path, messy_tree):
+    root, _, _ = messy_tree
+    evil = tmp_path / "evil.pth"
+    marker = tmp_path / "pwned"
+    evil.write_bytes(pickle.dumps({"format": "fashion-vit/1", "x": _Exploit(marker)}))
+    proc = run_cli("--input", str(root), "--model", str(evil), "--output", str(tmp_path / "p.csv"))
+    assert proc.returncode == 1
+    assert "refused" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists() and not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("missing-input", 2, "is not a folder"),
+        ("missing-model", 2, "does not exist"),
+        ("no-images", 1, "no image files"),
+        ("output-under-a-file", 2, "not writable"),
+    ],
+)
+def test_bad_input_gives_one_line_and_non_zero_exit(case, code, message, tmp_path, trained):
+    model = str(trained / "vit_model.pth")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    args = {
+        "missing-input": ["--input", str(tmp_path / "nope"), "--model", model],
+        "missing-model": ["--input", str(empty), "--model", str(tmp_path / "none.pth")],
+        "no-images": ["--input", str(empty), "--model", model, "--output", str(tmp_path / "o.csv")],
+        "output-under-a-file": ["--input", str(empty), "--model", model, "--output", str(tmp_path / "afile" / "o.csv")],
+    }[case]
+    proc = run_cli(*args)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+class _FailingDataset:
+    """Yields one batch, then fails the way a lost cluster would."""
+
+    def iter_batches(self, **_):
+        yield {"path": np.array(["a.jpg"], dtype=object), "predicted_category": np.array(["Apparel"], dtype=object),
+               "confidence": np.array([0.9]), "error": np.array([""], dtype=object)}
+        raise RuntimeError("cluster lost")
+
+
+def test_an_interrupted_write_keeps_the_previous_csv(tmp_path):
+    out = tmp_path / "pred.csv"
+    out.write_text("previous complete output\n")
+    with pytest.raises(RuntimeError):
+        _write_csv(_FailingDataset(), str(out), ["path", "predicted_category", "confidence", "error"])
+    assert out.read_text() == "previous complete output\n"
+    assert os.listdir(tmp_path) == ["pred.csv"]
+
+
+def test_listing_recognises_extensions_in_any_case(tmp_path):
+    for name in ("a.JPG", "b.Jpeg", "c.png", "d.TIFF", "e.tif", "f.bmp", "g.gif", "h.webp", "i.txt", "j"):
+        (tmp_path / name).write_bytes(b"x")
+    paths, ignored = list_images([str(tmp_path)])
+    assert [os.path.basename(p) for p in paths] == ["a.JPG", "b.Jpeg", "c.png", "d.TIFF", "e.tif", "f.bmp", "g.gif", "h.webp"]
+    assert ignored == 2
+    with pytest.raises(PredictError):
+        list_images([str(tmp_path / "missing")])

@@ -1,0 +1,97 @@
+"""End to end through the real Ray path: jobs/tune.py -> Tune -> TorchTrainer -> export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fashion_vit.config import MASTER_CATEGORIES
+from fashion_vit.model import load_checkpoint, model_from_payload
+from fashion_vit.predict import Predictor
+from fashion_vit.transforms import decode_image
+from tests.conftest import TINY_ARGS
+
+pytestmark = pytest.mark.slow
+
+
+def test_baseline_exports_a_working_model_that_beats_the_majority_class(trained, samples):
+    path = trained / "vit_model.pth"
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["id2label"] == dict(enumerate(MASTER_CATEGORIES))
+    assert raw["train_config"]["epochs"] == 4 and raw["train_config"]["from_scratch"] is True
+    assert raw["preprocessing"]["image_size"] == 32
+
+    summary = json.loads((trained / "summary.json").read_text())
+    test = summary["best"]["test"]
+    assert raw["metrics"]["test"] == test
+    counts = summary["data"]["class_counts"]["test"]
+    majority_rate = max(counts) / sum(counts)
+    assert test["num_examples"] == sum(counts)
+    assert test["accuracy"] > majority_rate + 0.1, (test["accuracy"], majority_rate)
+    assert sum(map(sum, test["confusion_matrix"])) == sum(counts)
+    assert set(test["per_class"]) == set(MASTER_CATEGORIES) and 0 < test["macro_f1"] <= 1
+
+    trials = summary["trials"]
+    assert len(trials) == 1 and trials[0]["epochs_run"] == 4
+    for row in trials[0]["history"]:
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "epoch_seconds", "images_per_second"):
+            assert key in row
+    assert trials[0]["config"]["lr"] == pytest.approx(1e-3)
+
+    # The file alone rebuilds a working model, without Ray and without the hub.
+    model, prep = model_from_payload(load_checkpoint(str(path)))
+    rows = samples["holdout_rows"][:64]
+    images = torch.from_numpy(
+        __import__("numpy").stack([decode_image((samples["holdout"] / "images" / f"{r[0]}.jpg").read_bytes(), prep.source_size) for r in rows])
+    )
+    out = Predictor(raw)({"image": images.numpy()})
+    assert len(out["predicted_category"]) == 64 and set(out["predicted_category"]) <= set(MASTER_CATEGORIES)
+
+
+def test_asha_search_stops_a_trial_early_and_every_trial_finishes(samples, ray_session, tmp_path):
+    """Trials run one after another, so each later trial needs the workers of an
+    ASHA-stopped one to have been released."""
+    from jobs import tune as tune_job
+
+    argv = [
+        "--data-dir", str(samples["train"]), *TINY_ARGS,
+        "--search", "asha", "--num-samples", "4", "--epochs", "3",
+        "--max-concurrent-trials", "1", "--output-dir", str(tmp_path),
+    ]
+    assert tune_job.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    trials = summary["trials"]
+    assert len(trials) == 5
+    assert all(t["error"] is None and t["epochs_run"] >= 1 for t in trials)
+    assert trials[0]["config"]["lr"] == pytest.approx(1e-3)  # the baseline is a trial
+    assert any(t["epochs_run"] < 3 for t in trials), [(t["epochs_run"], t["best_val_accuracy"]) for t in trials]
+    assert len({t["config"]["lr"] for t in trials}) == 5
+    best = summary["best"]
+    assert best["val"]["val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
+    raw = torch.load(tmp_path / "vit_model.pth", weights_only=True)
+    assert raw["train_config"]["lr"] == best["config"]["lr"]
+
+
+def test_pretrained_folder_path_starts_from_its_weights(trained, samples, ray_session, tmp_path):
+    """--model DIR with a model saved by save_pretrained (here: the model trained above,
+    standing in for a hub checkpoint). One epoch at a small learning rate keeps what it
+    knows, which a random initialisation could not reach."""
+    from jobs import tune as tune_job
+
+    model, prep = model_from_payload(load_checkpoint(str(trained / "vit_model.pth")))
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(prep.mean), "image_std": list(prep.std)}))
+    out = tmp_path / "results"
+    argv = ["--data-dir", str(samples["train"]), "--model", str(folder), "--image-size", "32",
+            "--epochs", "1", "--lr", "1e-5", "--limit", "600", "--output-dir", str(out)]
+    assert tune_job.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    before = json.loads((trained / "summary.json").read_text())["best"]["val"]["val_accuracy"]
+    first_epoch = summary["trials"][0]["history"][0]["val_accuracy"]
+    counts = summary["data"]["class_counts"]["val"]
+    assert first_epoch > max(counts) / sum(counts) + 0.1 and first_epoch > before - 0.1
+    raw = torch.load(out / "vit_model.pth", weights_only=True)
+    assert raw["train_config"]["model"] == str(folder) and raw["train_config"]["from_scratch"] is False
