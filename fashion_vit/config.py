@@ -49,6 +49,8 @@ class TrainConfig:
     from_scratch: bool = False  # random init on purpose (offline machines, tests); ignores `model`
     vit_size: str = "base"  # tiny | small | base, only with from_scratch
     image_size: int = 224  # model input side; below the checkpoint's, position embeddings are resampled
+    init_from: str | None = None  # start from a vit_model.pth (its weights and label set) instead of `model`
+    reinit_head: bool = False  # with init_from: a new classifier head when the label sets differ
     # --- baseline hyperparameters (the seed's recipe) ---
     epochs: int = 3
     lr: float = 2e-5
@@ -65,7 +67,7 @@ class TrainConfig:
     # --- resources ---
     num_workers: int = 1  # data-parallel Ray Train workers per trial
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: int = 1  # also the torch thread count of each CPU worker
+    cpus_per_worker: int | None = None  # also each CPU worker's torch threads; None: share the CPUs among the trials
     address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a local Ray
     # --- outputs ---
     output_dir: str = "results"  # vit_model.pth and summary.json land here
@@ -78,7 +80,8 @@ class TrainConfig:
         _positive("--epochs", self.epochs)
         _positive("--batch-size", self.batch_size)
         _positive("--num-workers", self.num_workers)
-        _positive("--cpus-per-worker", self.cpus_per_worker)
+        if self.cpus_per_worker is not None:
+            _positive("--cpus-per-worker", self.cpus_per_worker)
         _positive("--num-to-keep", self.num_to_keep)
         if not (self.lr > 0 and self.lr < 1):
             raise ConfigError(f"--lr must be in (0, 1), got {self.lr}")
@@ -115,6 +118,10 @@ class TrainConfig:
                 header = [h.strip() for h in f.readline().strip().split(",")]
             if self.label_column not in header:
                 raise ConfigError(f"--label-column {self.label_column!r} is not a column of {styles} (columns: {', '.join(header)})")
+        if self.init_from is not None and not os.path.isfile(self.init_from):
+            raise ConfigError(f"--init-from {self.init_from!r} is not a file (give a vit_model.pth)")
+        if self.init_from is not None and self.from_scratch:
+            raise ConfigError("--init-from and --from-scratch exclude each other")
         # A hub id is "org/name"; a path is what starts like one.
         if not self.from_scratch and self.model.startswith((".", "/", "~")) and not os.path.isdir(self.model):
             raise ConfigError(f"--model {self.model!r} looks like a path but is not a folder")
@@ -154,6 +161,29 @@ class PredictConfig:
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
             raise ConfigError(f"--output {self.output!r} is not writable ({parent} is not a writable folder)")
+        return self
+
+
+SPLITS = ("test", "val", "train", "all")
+
+
+@dataclass
+class EvalConfig:
+    model: str = "results/vit_model.pth"  # checkpoint to score
+    data_dir: str | None = None  # Kaggle-layout folder; None: the data the checkpoint was trained on
+    dataset: str | None = None  # Hugging Face dataset id instead of data_dir
+    split: str = "test"  # test | val | train (of the training data's split) | all rows
+    output: str = "results/report"  # folder for metrics.json, per_class.csv and the plots
+
+    def validate(self) -> "EvalConfig":
+        if self.split not in SPLITS:
+            raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if not os.path.exists(self.model):
+            raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        if self.data_dir is not None and not os.path.isfile(os.path.join(self.data_dir, "styles.csv")):
+            raise ConfigError(f"--data-dir {self.data_dir!r} is not a Kaggle-layout folder (no styles.csv)")
+        if self.data_dir is not None and self.dataset is not None:
+            raise ConfigError("give --data-dir or --dataset, not both")
         return self
 
 

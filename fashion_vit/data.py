@@ -49,8 +49,12 @@ class LoadedData:
         return "; ".join(parts)
 
 
-def load_data(cfg: TrainConfig) -> LoadedData:
-    """Load the configured source, keep rows with a label in the label set, subsample if asked."""
+def load_data(cfg: TrainConfig, labels: list[str] | None = None) -> LoadedData:
+    """Load the configured source, keep rows with a label in the label set, subsample if asked.
+
+    The label set is `labels` when given (a trained model's), else the six
+    masterCategory labels, else the values found in `cfg.label_column`.
+    """
     if cfg.data_dir is not None:
         table, dropped, repaired, source = _kaggle_table(cfg.data_dir, cfg.label_column)
     else:
@@ -61,7 +65,9 @@ def load_data(cfg: TrainConfig) -> LoadedData:
     dropped["no label"] = dropped.get("no label", 0) + int(missing.sum())
     table, values = table[~missing], values[~missing]
 
-    if cfg.label_column == "masterCategory":
+    if labels is not None:
+        labels = list(labels)
+    elif cfg.label_column == "masterCategory":
         labels = list(MASTER_CATEGORIES)
     else:
         labels = sorted(values.unique())
@@ -69,8 +75,9 @@ def load_data(cfg: TrainConfig) -> LoadedData:
         raise DataError(f"label column {cfg.label_column!r} has fewer than 2 distinct values")
     outside = ~values.isin(labels)
     if outside.any():
-        key = "label outside the label set (" + ", ".join(sorted(set(values[outside]))[:5]) + ")"
-        dropped[key] = int(outside.sum())
+        unknown = values[outside].value_counts()
+        for name, n in unknown.items():
+            dropped[f"label outside the label set ({name})"] = int(n)
     table, values = table[~outside], values[~outside]
 
     label_index = {name: i for i, name in enumerate(labels)}

@@ -32,8 +32,10 @@ class ModelError(FashionVitError):
     """The model or a checkpoint could not be had."""
 
 
-def create_model(cfg: TrainConfig, labels: list[str]):
-    """Build a ViTForImageClassification with a len(labels)-way head at cfg.image_size.
+def create_model(cfg: TrainConfig, labels: list[str], init_payload: dict | None = None):
+    """Build a ViTForImageClassification with a len(labels)-way head at cfg.image_size:
+    from `init_payload` (a vit_model.pth payload, for --init-from), from scratch, or
+    from cfg.model (hub id or folder).
 
     Returns (model, (mean, std)): the normalisation the backbone was trained with.
     """
@@ -41,6 +43,8 @@ def create_model(cfg: TrainConfig, labels: list[str]):
 
     id2label = {i: name for i, name in enumerate(labels)}
     label2id = {name: i for i, name in id2label.items()}
+    if init_payload is not None:
+        return _continue_from(init_payload, labels, cfg), _payload_mean_std(init_payload)
     if cfg.from_scratch:
         hidden, heads = VIT_DIMS[cfg.vit_size]
         config = ViTConfig(
@@ -74,6 +78,32 @@ def create_model(cfg: TrainConfig, labels: list[str]):
     if model.config.image_size != cfg.image_size:
         model = resize_image_size(model, cfg.image_size)
     return model, _mean_std(cfg.model)
+
+
+def _continue_from(payload: dict, labels: list[str], cfg: TrainConfig):
+    """The saved model, checked against the data's label set, at cfg.image_size."""
+    import torch.nn as nn
+
+    model, _ = model_from_payload(payload)
+    saved = [payload["id2label"][i] for i in range(len(payload["id2label"]))]
+    if saved != list(labels):
+        if not cfg.reinit_head:
+            raise ModelError(
+                f"--init-from {cfg.init_from!r} was trained on labels {saved}, but the data has {list(labels)}; "
+                "pass --reinit-head to train a new classifier head on the data's labels"
+            )
+        model.classifier = nn.Linear(model.config.hidden_size, len(labels))
+        model.config.num_labels = len(labels)
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
+    if model.config.image_size != cfg.image_size:
+        model = resize_image_size(model, cfg.image_size)
+    return model.train()
+
+
+def _payload_mean_std(payload: dict):
+    prep = payload["preprocessing"]
+    return tuple(prep["mean"]), tuple(prep["std"])
 
 
 def resize_image_size(model, image_size: int):

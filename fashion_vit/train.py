@@ -45,7 +45,8 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
 
-    model, _ = create_model(cfg, labels)
+    init = config.get("init_payload")
+    model, _ = create_model(cfg, labels, ray.get(init) if init is not None else None)
     steps_per_epoch = math.ceil(train_rows / world / cfg.batch_size)
     optimizer = _adamw(model, cfg.lr, cfg.weight_decay)
     scheduler = _warmup_linear(optimizer, cfg.warmup_ratio, cfg.epochs * steps_per_epoch)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -21,7 +20,8 @@ import numpy as np
 from fashion_vit.config import METRIC, TrainConfig
 from fashion_vit.data import load_data, infer_source_size, stratified_split, to_ray_datasets, class_counts
 from fashion_vit.metrics import classification_report, confusion_matrix, format_report
-from fashion_vit.model import create_model, read_checkpoint, atomic_torch_save
+from fashion_vit.model import ModelError, atomic_torch_save, create_model, read_checkpoint
+from fashion_vit.report import plot_learning_curves, write_model_card
 from fashion_vit.train import MODEL_FILE, train_loop_per_worker
 from fashion_vit.transforms import Preprocessing
 
@@ -117,7 +117,8 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
 
         raise DataError("too few rows to hold out validation and test images; use more data")
     # Check the model can be had before any trial starts (and get its mean/std).
-    _, (mean, std) = create_model(cfg, data.labels)
+    init_payload = read_checkpoint(cfg.init_from) if cfg.init_from else None
+    _, (mean, std) = create_model(cfg, data.labels, init_payload)
     source_size = infer_source_size(data.frame["image"], cfg.image_size)
     prep = Preprocessing(image_size=cfg.image_size, source_size=source_size, mean=tuple(mean), std=tuple(std))
     timings["data_load_s"] = time.perf_counter() - t
@@ -140,6 +141,11 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     timings["decode_s"] = time.perf_counter() - t
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    if cfg.cpus_per_worker is None:
+        # One baseline trial gets the whole machine; a search shares it among its trials.
+        trials = 1 + (cfg.num_samples if cfg.search == "asha" else 0)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cfg = replace(cfg, cpus_per_worker=1 if use_gpu else max(1, cpus // (cfg.num_workers * trials)))
     storage = os.path.abspath(cfg.storage or os.path.join(cfg.output_dir, "experiments"))
     setup = {
         "train_config": asdict(cfg),
@@ -148,6 +154,8 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
         "train_rows": datasets["train"].count(),
         "use_gpu": use_gpu,
         "storage": storage,
+        # One copy in the object store; workers need not see the driver's disk.
+        "init_payload": ray.put(init_payload) if init_payload is not None else None,
     }
     searching = cfg.search == "asha"
     concurrency = cfg.max_concurrent_trials or trials_that_fit(cfg, use_gpu)
@@ -180,10 +188,16 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     if not candidates:
         errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"]) or "no checkpoint was reported"
         raise RuntimeError(f"no trial produced a checkpoint ({errors})")
-    best_trial, best_row = max(candidates, key=lambda c: (c[1][METRIC], -c[1]["val_loss"]))
-
+    # Best validation accuracy, then lowest validation loss. A tied epoch may have lost its
+    # checkpoint to num_to_keep, so fall through to the next candidate if it is gone.
+    candidates.sort(key=lambda c: (c[1][METRIC], -c[1]["val_loss"]), reverse=True)
     t = time.perf_counter()
-    payload = _read_remote_checkpoint(best_row[CHECKPOINT_PATH])
+    for best_trial, best_row in candidates:
+        payload = _read_remote_checkpoint(best_row[CHECKPOINT_PATH])
+        if payload is not None:
+            break
+    else:
+        raise RuntimeError("the best checkpoints were reported but none can be read back from storage")
     test_report = score_test_split(payload, test_ds, data.labels)
     payload["metrics"]["test"] = test_report
     model_path = os.path.join(cfg.output_dir, "vit_model.pth")
@@ -217,6 +231,8 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     }
     summary_path = os.path.join(cfg.output_dir, "summary.json")
     _atomic_write_text(summary_path, json.dumps(summary, indent=2, default=_json_default))
+    plot_learning_curves(trials, best["trial_id"], os.path.join(cfg.output_dir, "learning_curves.png"))
+    write_model_card(os.path.join(cfg.output_dir, "report.md"), summary, "learning_curves.png")
     log(format_report(test_report))
     return TuneOutcome(model_path=model_path, summary_path=summary_path, best=best, trials=trials, timings=timings)
 
@@ -246,11 +262,15 @@ def _trial_summary(result) -> dict:
 
 
 def _read_remote_checkpoint(path: str) -> dict:
-    """Read vit_model.pth out of a Train checkpoint wherever storage put it (local, NFS, s3://)."""
+    """Read vit_model.pth out of a Train checkpoint wherever storage put it (local, NFS,
+    s3://); None if that checkpoint no longer exists."""
     import ray.train
 
-    with ray.train.Checkpoint(path).as_directory() as d:
-        return read_checkpoint(os.path.join(d, MODEL_FILE))
+    try:
+        with ray.train.Checkpoint(path).as_directory() as d:
+            return read_checkpoint(os.path.join(d, MODEL_FILE))
+    except (FileNotFoundError, ModelError):
+        return None
 
 
 def _atomic_write_text(path: str, text: str) -> None:

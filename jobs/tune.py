@@ -32,6 +32,8 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--model", default=d.model, help="hub id or local folder of a pretrained ViT (default: %(default)s)")
     g.add_argument("--from-scratch", action="store_true", help="randomly initialised ViT of --vit-size instead of --model (offline machines)")
     g.add_argument("--vit-size", choices=VIT_SIZES, default=d.vit_size, help="size for --from-scratch (default: %(default)s)")
+    g.add_argument("--init-from", help="start every trial from this vit_model.pth (its weights and label set), e.g. to fine-tune further on new data")
+    g.add_argument("--reinit-head", action="store_true", help="with --init-from: train a new classifier head when the data's labels differ")
     g.add_argument("--image-size", type=positive_int, default=d.image_size, help="model input side in pixels, a multiple of 16 (default: %(default)s)")
     g = p.add_argument_group("training (the baseline trial; --search varies these)")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="epochs per trial (default: %(default)s)")
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--max-concurrent-trials", type=positive_int, help="cap on trials running at once (default: as resources allow)")
     g = p.add_argument_group("resources and outputs")
     g.add_argument("--num-workers", type=positive_int, default=d.num_workers, help="data-parallel workers per trial (default: %(default)s)")
-    g.add_argument("--cpus-per-worker", type=positive_int, default=d.cpus_per_worker, help="CPUs (and torch threads) per CPU worker (default: %(default)s)")
+    g.add_argument("--cpus-per-worker", type=positive_int, default=d.cpus_per_worker, help="CPUs (and torch threads) per CPU worker (default: the CPUs divided among the trials)")
     gpu = g.add_mutually_exclusive_group()
     gpu.add_argument("--gpu", dest="use_gpu", action="store_const", const=True, help="one GPU per worker (default: when the cluster has GPUs)")
     gpu.add_argument("--cpu", dest="use_gpu", action="store_const", const=False, help="train on CPUs even if GPUs exist")
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
         print(
             f"best trial {best['trial_id']} (epoch {best['epoch']}): val_accuracy {best['val']['val_accuracy']:.4f}, "
             f"test accuracy {best['test']['accuracy']:.4f}, test macro-F1 {best['test']['macro_f1']:.4f}\n"
-            f"model: {outcome.model_path}\nsummary: {outcome.summary_path}"
+            f"model: {outcome.model_path}\nsummary: {outcome.summary_path}\n"
+            "time: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in outcome.timings.items())
         )
 
     return run_job("tune.py", job)
