@@ -139,7 +139,8 @@ def plot_confusion_matrix(cm: np.ndarray, labels: list[str], path: str) -> None:
     plt = _pyplot()
     rows = cm.sum(axis=1, keepdims=True)
     normalised = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
-    fig, axes = plt.subplots(1, 2, figsize=(6 + 1.2 * len(labels), 1.0 + 0.6 * len(labels)), dpi=100)
+    side = 1.5 + 0.75 * len(labels)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side), dpi=100)
     for ax, values, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], normalised, "row-normalised (recall)", ".2f")):
         ax.imshow(values, cmap="Blues")
         ax.set_title(title)
@@ -196,9 +197,12 @@ def plot_learning_curves(trials: list[dict], best_trial_id: str, path: str) -> N
         name = f"{t['trial_id']} (lr {t['config'].get('lr', float('nan')):.1e})" + (" best" if best else "")
         for ax, key in zip(axes, ("train_loss", "val_loss", "val_accuracy")):
             ax.plot(epochs, [r[key] for r in h], label=name, **style)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, title in zip(axes, ("train loss", "validation loss", "validation accuracy")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[2].legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -189,3 +189,19 @@ def test_listing_recognises_extensions_in_any_case(tmp_path):
     assert ignored == 2
     with pytest.raises(PredictError):
         list_images([str(tmp_path / "missing")])
+
+
+def test_a_hugging_face_model_folder_works_as_model(trained, samples, tmp_path, ray_session):
+    from jobs import batch_predict
+
+    model, prep = model_from_payload(load_checkpoint(str(trained / "vit_model.pth")))
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    out = tmp_path / "pred.csv"
+    assert batch_predict.main(["--input", str(samples["holdout"] / "images"), "--model", str(folder), "--output", str(out)]) == 0
+    rows = read_csv(out)
+    truth = {r[0]: r[2] for r in samples["holdout_rows"]}
+    assert len(rows) == len(truth) and all(r["error"] == "" for r in rows)
+    correct = sum(r["predicted_category"] == truth[os.path.basename(r["path"]).split(".")[0]] for r in rows)
+    majority = max(list(truth.values()).count(v) for v in set(truth.values()))
+    assert correct > majority  # the folder's own weights and id2label, not a fresh head
