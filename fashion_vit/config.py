@@ -72,7 +72,8 @@ class TrainConfig:
     # --- outputs ---
     output_dir: str = "results"  # vit_model.pth and summary.json land here
     storage: str | None = None  # Ray experiment storage; None: <output_dir>/experiments
-    name: str = "fashion-vit"  # experiment name
+    name: str | None = None  # experiment name; None: fashion-vit-<UTC time>, or with resume the latest
+    resume: bool = False  # continue an interrupted experiment instead of starting one
     seed: int = 42
 
     def validate(self) -> "TrainConfig":

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from fashion_vit.config import METRIC, TrainConfig
+from fashion_vit.config import METRIC, ConfigError, TrainConfig
 from fashion_vit.data import load_data, infer_source_size, stratified_split, to_ray_datasets, class_counts
 from fashion_vit.metrics import classification_report, confusion_matrix, format_report
 from fashion_vit.model import ModelError, atomic_torch_save, create_model, read_checkpoint
@@ -104,9 +104,53 @@ def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
     trainer.fit()
 
 
+EXPERIMENT_PREFIX = "fashion-vit-"
+
+
+def resolve_experiment(cfg: TrainConfig, storage: str) -> str:
+    """The experiment's name: a new timestamped one, or with --resume the one to continue.
+
+    Never silently mixes a new run into an existing experiment of the same name."""
+    from ray import tune
+
+    def exists(name: str) -> bool:
+        return tune.Tuner.can_restore(_join(storage, name))
+
+    if cfg.resume:
+        # The latest experiment; Train runs live beside it under the same prefix.
+        names = [cfg.name] if cfg.name else [n for n in _experiments(storage) if exists(n)][-1:]
+        if not names or not exists(names[0]):
+            what = f"experiment {cfg.name!r}" if cfg.name else "experiment"
+            raise ConfigError(f"--resume: no {what} to continue under {storage}")
+        return names[0]
+    name = cfg.name or EXPERIMENT_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if exists(name):
+        raise ConfigError(f"experiment {name!r} already exists under {storage}: pass --resume to continue it, or another --name")
+    return name
+
+
+def _experiments(storage: str) -> list[str]:
+    """Names of this project's experiments under storage, oldest first (names sort by time)."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(storage if "://" in storage else os.path.abspath(storage))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return []
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(EXPERIMENT_PREFIX))
+
+
+def _join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
+
+
 def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     """The whole `jobs/tune.py`: load and split data, tune, export the best model."""
     timings = {}
+    storage = cfg.storage if cfg.storage and "://" in cfg.storage else os.path.abspath(cfg.storage or os.path.join(cfg.output_dir, "experiments"))
+    cfg = replace(cfg, name=resolve_experiment(cfg, storage))
+    log(f"experiment {cfg.name} in {storage}" + (" (resuming)" if cfg.resume else ""))
     t = time.perf_counter()
     data = load_data(cfg)
     splits = stratified_split(data.frame["label"].to_numpy(), cfg.val_fraction, cfg.test_fraction, cfg.seed)
@@ -146,7 +190,6 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
         trials = 1 + (cfg.num_samples if cfg.search == "asha" else 0)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         cfg = replace(cfg, cpus_per_worker=1 if use_gpu else max(1, cpus // (cfg.num_workers * trials)))
-    storage = os.path.abspath(cfg.storage or os.path.join(cfg.output_dir, "experiments"))
     setup = {
         "train_config": asdict(cfg),
         "labels": data.labels,
@@ -173,12 +216,20 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     trainable = tune.with_parameters(train_driver_fn, setup=setup, datasets=datasets)
     # The trial function only waits on its TorchTrainer; its workers hold the CPUs/GPUs.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 256 * 1024**2})
-    tuner = tune.Tuner(
-        trainable,
-        param_space=search_space(cfg) if searching else baseline(cfg),
-        tune_config=tune_config,
-        run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1),
-    )
+    param_space = search_space(cfg) if searching else baseline(cfg)
+    if cfg.resume:
+        # Finished trials stay finished; unfinished ones restart, and their TorchTrainer
+        # (same run name and storage) continues from its latest checkpoint.
+        tuner = tune.Tuner.restore(
+            _join(storage, cfg.name), trainable, resume_unfinished=True, restart_errored=True, param_space=param_space
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1),
+        )
     t = time.perf_counter()
     results = tuner.fit()
     timings["tune_s"] = time.perf_counter() - t
@@ -224,7 +275,7 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
         },
         "preprocessing": prep.to_dict(),
         "train_config": asdict(cfg),
-        "experiment": os.path.join(storage, cfg.name),
+        "experiment": _join(storage, cfg.name),
         "best": best,
         "trials": [{k: v for k, v in t.items()} for t in trials],
         "timings": timings,
