@@ -1,0 +1,94 @@
+"""Fault injection: a training worker or a predictor actor killed mid-run costs nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, TINY_ARGS
+
+pytestmark = pytest.mark.slow
+
+
+def ray_pids(name: str, exclude: set[int] = frozenset()) -> set[int]:
+    """Processes whose title starts with `ray::<name>` (Ray renames its workers so)."""
+    found = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) not in exclude:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith(f"ray::{name}"):
+                found.add(int(pid))
+    return found
+
+
+def wait_for(condition, proc, log: Path, timeout: float = 600):
+    deadline = time.time() + timeout
+    while not (found := condition()):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.5)
+    return found
+
+
+def test_a_killed_training_worker_resumes_from_its_checkpoint(samples, tmp_path):
+    out = tmp_path / "results"
+    log = tmp_path / "tune.log"
+    before = ray_pids("RayTrainWorker")
+    argv = [sys.executable, "jobs/tune.py", "--data-dir", str(samples["train"]), *TINY_ARGS,
+            "--epochs", "3", "--output-dir", str(out), "--name", "fashion-vit-faults"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, RAY_ADDRESS="local"), start_new_session=True)
+        try:
+            storage = out / "experiments"
+            # After the first epoch's checkpoint, kill the worker during the second epoch.
+            wait_for(lambda: list(storage.glob("fashion-vit-faults-train-*/checkpoint_*")), proc, log)
+            workers = wait_for(lambda: ray_pids("RayTrainWorker", before), proc, log)
+            time.sleep(2)
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    summary = json.loads((out / "summary.json").read_text())
+    history = summary["trials"][0]["history"]
+    assert [r["epoch"] for r in history][-1] == 3 and summary["trials"][0]["error"] is None
+    assert (out / "vit_model.pth").exists()
+
+
+def test_a_killed_predictor_actor_loses_and_duplicates_no_row(trained, samples, tmp_path):
+    log = tmp_path / "predict.log"
+    out = tmp_path / "pred.csv"
+    inputs = [str(samples["train"] / "images"), str(samples["holdout"] / "images")]
+    before = ray_pids("MapWorker")
+    argv = [sys.executable, "jobs/batch_predict.py", "--input", inputs[0], "--input", inputs[1],
+            "--model", str(trained / "vit_model.pth"), "--output", str(out), "--batch-size", "1"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, RAY_ADDRESS="local"), start_new_session=True)
+        try:
+            actors = wait_for(lambda: ray_pids("MapWorker", before), proc, log)
+            time.sleep(3)  # mid-run: some batches done, most not
+            assert proc.poll() is None, "finished before the actor could be killed; use more images"
+            for pid in actors:
+                os.kill(pid, signal.SIGKILL)
+            assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    with open(out) as f:
+        paths = [r["path"] for r in csv.DictReader(f)]
+    expected = sorted(str(p) for d in inputs for p in Path(d).iterdir())
+    assert paths == expected  # each input exactly once, in order
