@@ -65,7 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     autocast = _autocast(device, cfg.bf16)
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_data = ray.train.get_dataset_shard("val")  # not split: every worker sees all of it
 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch * world + rank)  # flips differ per worker and epoch
@@ -78,7 +78,11 @@ def train_loop_per_worker(config: dict) -> None:
         )
         train_loss, seen = train_one_epoch(model, batches, optimizer, scheduler, prep, cfg.label_smoothing, autocast)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_cm = evaluate(model, val_shard.iter_torch_batches(batch_size=256, device=device), prep, len(labels), autocast)
+        if rank == 0:  # the whole validation set, once; the sums below add zeros from other ranks
+            unwrapped = getattr(model, "module", model)
+            val_loss, val_cm = evaluate(unwrapped, val_data.iter_torch_batches(batch_size=256, device=device), prep, len(labels), autocast)
+        else:
+            val_loss, val_cm = 0.0, np.zeros((len(labels), len(labels)), np.int64)
 
         totals = _all_reduce(np.concatenate([[train_loss, seen, val_loss], val_cm.ravel()]), device, world)
         train_loss, seen, val_loss = totals[:3]

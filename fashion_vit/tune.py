@@ -89,6 +89,9 @@ def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
             resources_per_worker=None if setup["use_gpu"] else {"CPU": cfg.cpus_per_worker},
         ),
         datasets=datasets,
+        # Only training data is sharded: an equal split drops up to N-1 rows, which is
+        # fine for SGD but would make validation metrics miss images.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=f"{cfg.name}-train-{trial_id}",
             storage_path=setup["storage"],

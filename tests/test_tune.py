@@ -95,3 +95,20 @@ def test_pretrained_folder_path_starts_from_its_weights(trained, samples, ray_se
     assert first_epoch > max(counts) / sum(counts) + 0.1 and first_epoch > before - 0.1
     raw = torch.load(out / "vit_model.pth", weights_only=True)
     assert raw["train_config"]["model"] == str(folder) and raw["train_config"]["from_scratch"] is False
+
+
+def test_two_data_parallel_workers(samples, ray_session, tmp_path):
+    """--num-workers 2: DDP over gloo, validation metrics all-reduced across the shards."""
+    from jobs import tune as tune_job
+
+    argv = ["--data-dir", str(samples["train"]), *TINY_ARGS, "--limit", "600", "--epochs", "1",
+            "--num-workers", "2", "--output-dir", str(tmp_path)]
+    assert tune_job.main(argv) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    row = summary["trials"][0]["history"][0]
+    assert summary["train_config"]["num_workers"] == 2 and summary["train_config"]["cpus_per_worker"] == 1
+    # Validation accuracy counts every validation image once, across both shards.
+    val_size = summary["data"]["split_sizes"]["val"]
+    assert round(row["val_accuracy"] * val_size, 6) == round(row["val_accuracy"] * val_size)
+    raw = torch.load(tmp_path / "vit_model.pth", weights_only=True)
+    assert not any(k.startswith("module.") for k in raw["state_dict"])  # DDP wrapper not saved
