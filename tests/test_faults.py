@@ -41,27 +41,33 @@ def wait_for(condition, proc, log: Path, timeout: float = 600):
     return found
 
 
-def test_a_killed_training_worker_resumes_from_its_checkpoint(samples, tmp_path):
-    out = tmp_path / "results"
-    log = tmp_path / "tune.log"
-    before = ray_pids("RayTrainWorker")
-    argv = [sys.executable, "jobs/tune.py", "--data-dir", str(samples["train"]), *TINY_ARGS,
-            "--epochs", "3", "--output-dir", str(out), "--name", "fashion-vit-faults"]
+def run_and_kill(argv: list[str], log: Path, process: str, ready=lambda: True, settle: float = 2) -> None:
+    """Run a job with its own local Ray; once `ready()` holds, SIGKILL its `ray::<process>`
+    workers mid-run, and require the job to finish successfully anyway."""
+    before = ray_pids(process)
     with open(log, "w") as f:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 env=dict(os.environ, RAY_ADDRESS="local"), start_new_session=True)
         try:
-            storage = out / "experiments"
-            # After the first epoch's checkpoint, kill the worker during the second epoch.
-            wait_for(lambda: list(storage.glob("fashion-vit-faults-train-*/checkpoint_*")), proc, log)
-            workers = wait_for(lambda: ray_pids("RayTrainWorker", before), proc, log)
-            time.sleep(2)
-            for pid in workers:
+            wait_for(ready, proc, log)
+            victims = wait_for(lambda: ray_pids(process, before), proc, log)
+            time.sleep(settle)
+            assert proc.poll() is None, "the job finished before its workers could be killed"
+            for pid in victims:
                 os.kill(pid, signal.SIGKILL)
             assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_killed_training_worker_resumes_from_its_checkpoint(samples, tmp_path):
+    out = tmp_path / "results"
+    argv = [sys.executable, "jobs/tune.py", "--data-dir", str(samples["train"]), *TINY_ARGS,
+            "--epochs", "3", "--output-dir", str(out), "--name", "fashion-vit-faults"]
+    # After the first epoch's checkpoint, kill the worker during the second epoch.
+    first_checkpoint = lambda: list((out / "experiments").glob("fashion-vit-faults-train-*/checkpoint_*"))  # noqa: E731
+    run_and_kill(argv, tmp_path / "tune.log", "RayTrainWorker", ready=first_checkpoint)
     summary = json.loads((out / "summary.json").read_text())
     history = summary["trials"][0]["history"]
     assert [r["epoch"] for r in history][-1] == 3 and summary["trials"][0]["error"] is None
@@ -69,25 +75,11 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(samples, tmp_path)
 
 
 def test_a_killed_predictor_actor_loses_and_duplicates_no_row(trained, samples, tmp_path):
-    log = tmp_path / "predict.log"
     out = tmp_path / "pred.csv"
     inputs = [str(samples["train"] / "images"), str(samples["holdout"] / "images")]
-    before = ray_pids("MapWorker")
     argv = [sys.executable, "jobs/batch_predict.py", "--input", inputs[0], "--input", inputs[1],
             "--model", str(trained / "vit_model.pth"), "--output", str(out), "--batch-size", "1"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, RAY_ADDRESS="local"), start_new_session=True)
-        try:
-            actors = wait_for(lambda: ray_pids("MapWorker", before), proc, log)
-            time.sleep(3)  # mid-run: some batches done, most not
-            assert proc.poll() is None, "finished before the actor could be killed; use more images"
-            for pid in actors:
-                os.kill(pid, signal.SIGKILL)
-            assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+    run_and_kill(argv, tmp_path / "predict.log", "MapWorker", settle=3)  # mid-run: some batches done, most not
     with open(out) as f:
         paths = [r["path"] for r in csv.DictReader(f)]
     expected = sorted(str(p) for d in inputs for p in Path(d).iterdir())
