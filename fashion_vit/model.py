@@ -12,12 +12,12 @@ import json
 import math
 import os
 import pickle
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
 from fashion_vit.config import FashionVitError, TrainConfig
+from fashion_vit.files import atomic_open
 from fashion_vit.transforms import Preprocessing
 
 FORMAT = "fashion-vit/1"
@@ -160,17 +160,8 @@ def save_checkpoint(path: str, model, prep: Preprocessing, train_config: dict, m
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def read_checkpoint(path: str) -> dict:

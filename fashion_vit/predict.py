@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from fashion_vit.config import FashionVitError, PredictConfig
+from fashion_vit.files import atomic_open
 from fashion_vit.model import load_checkpoint, model_from_payload
 from fashion_vit.transforms import Preprocessing, decode_image, preprocess
 
@@ -225,28 +225,18 @@ def predict_labelled(payload: dict, ds) -> tuple[np.ndarray, np.ndarray]:
 def _write_csv(ds, output: str, columns: list[str]) -> tuple[int, int]:
     """Stream rows into a temp file beside `output`, then rename: a crash leaves no
     half file under the real name, and an existing output survives until replaced."""
-    folder = os.path.dirname(os.path.abspath(output))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
-    except OSError as e:
-        raise PredictError(f"cannot write {output!r}: {e.strerror}") from None
     predicted = failed = 0
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with atomic_open(output, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 errors = batch["error"]
                 failed += int(np.sum(errors != ""))
                 predicted += int(np.sum(errors == ""))
-                cols = [_csv_column(batch[c]) for c in columns]
-                writer.writerows(zip(*cols))
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+                writer.writerows(zip(*(_csv_column(batch[c]) for c in columns)))
+    except OSError as e:
+        raise PredictError(f"cannot write {output!r}: {e.strerror or e}") from None
     return predicted, failed
 
 

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from fashion_vit.config import METRIC, ConfigError, TrainConfig
-from fashion_vit.data import load_data, infer_source_size, stratified_split, to_ray_datasets, class_counts
+from fashion_vit.data import DataError, class_counts, infer_source_size, load_data, stratified_split, to_ray_datasets
+from fashion_vit.files import atomic_open
 from fashion_vit.metrics import classification_report, confusion_matrix, format_report
 from fashion_vit.model import ModelError, atomic_torch_save, create_model, read_checkpoint
 from fashion_vit.report import plot_learning_curves, write_model_card
@@ -160,8 +161,6 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     log(data.summary())
     log("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     if len(splits["val"]) == 0 or len(splits["test"]) == 0:
-        from fashion_vit.data import DataError
-
         raise DataError("too few rows to hold out validation and test images; use more data")
     # Check the model can be had before any trial starts (and get its mean/std).
     init_payload = read_checkpoint(cfg.init_from) if cfg.init_from else None
@@ -284,7 +283,8 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
         "timings": timings,
     }
     summary_path = os.path.join(cfg.output_dir, "summary.json")
-    _atomic_write_text(summary_path, json.dumps(summary, indent=2, default=_json_default))
+    with atomic_open(summary_path) as f:
+        json.dump(summary, f, indent=2, default=_json_default)
     plot_learning_curves(trials, best["trial_id"], os.path.join(cfg.output_dir, "learning_curves.png"))
     write_model_card(os.path.join(cfg.output_dir, "report.md"), summary, "learning_curves.png")
     log(format_report(test_report))
@@ -325,14 +325,6 @@ def _read_remote_checkpoint(path: str) -> dict:
             return read_checkpoint(os.path.join(d, MODEL_FILE))
     except (FileNotFoundError, ModelError):
         return None
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _json_default(o):
