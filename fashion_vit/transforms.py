@@ -122,24 +122,53 @@ def decode_batch(batch: dict[str, np.ndarray], source_size: tuple[int, int]) -> 
 def preprocess(
     images: torch.Tensor,
     prep: Preprocessing,
-    train: bool = False,
+    augment: str | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """uint8 (B, H, W, 3) on any device -> normalised float32 (B, 3, S, S) on that device.
 
-    Training adds a random horizontal flip. Bilinear resize with antialiasing only when
-    shrinking, so upsampling the 60x80 images matches a plain bilinear resize.
+    augment (training only): "flip", a random horizontal flip; "crop", the flip plus a
+    random resized crop. Bilinear resize with antialiasing only when shrinking, so
+    upsampling the 60x80 images matches a plain bilinear resize.
     """
     x = images.permute(0, 3, 1, 2)  # (B, 3, H, W), still uint8
-    if train:
+    if augment:
         flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     x = x.float()
     s = prep.image_size
-    if x.shape[-2:] != (s, s):
+    if augment == "crop":
+        x = random_resized_crop(x, s, generator)
+    elif x.shape[-2:] != (s, s):
         shrinking = x.shape[-2] > s or x.shape[-1] > s
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=shrinking)
     # (x / 255 - mean) / std folded into one multiply-add per channel.
     std = torch.tensor(prep.std, device=x.device).view(1, 3, 1, 1)
     mean = torch.tensor(prep.mean, device=x.device).view(1, 3, 1, 1)
     return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std))
+
+
+CROP_AREA = (0.6, 1.0)  # share of the image a crop keeps; product photos fill the frame
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect-ratio change of a crop
+
+
+def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """float (B, C, H, W) -> (B, C, size, size): per image, a random window of CROP_AREA of
+    the image at an aspect change within CROP_RATIO, resampled to size x size. One
+    affine grid_sample for the whole batch, on the batch's device."""
+    b, dev = x.shape[0], x.device
+    rand = lambda: torch.rand(b, device=dev, generator=generator)  # noqa: E731
+    area = CROP_AREA[0] + (CROP_AREA[1] - CROP_AREA[0]) * rand()
+    log_lo, log_hi = torch.log(torch.tensor(CROP_RATIO))
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * rand())
+    # Window sides as fractions of the image's width and height.
+    w = torch.sqrt(area * ratio).clamp(max=1.0)
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    # Centre offsets in grid units ([-1, 1] spans the image), keeping the window inside.
+    tx = (1 - w) * (2 * rand() - 1)
+    ty = (1 - h) * (2 * rand() - 1)
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2] = w, tx
+    theta[:, 1, 1], theta[:, 1, 2] = h, ty
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -103,8 +103,26 @@ def test_flip_only_in_training():
     evaluated = preprocess(images, PREP)
     assert torch.equal(evaluated, preprocess(images, PREP))
     torch.manual_seed(0)
-    trained = preprocess(images, PREP, train=True)
+    trained = preprocess(images, PREP, augment="flip")
     flipped = (trained[:, 0, :, 0] < trained[:, 0, :, -1]).all(dim=1)  # left darker than right
     assert 10 < int(flipped.sum()) < 54  # about half, not none or all
     torch.testing.assert_close(trained[~flipped], evaluated[~flipped])
     torch.testing.assert_close(trained[flipped], evaluated[flipped].flip(3))
+
+
+def test_crop_takes_a_random_window_inside_each_image():
+    """A horizontal ramp: a window's width shows as the span of values across the output."""
+    identity = Preprocessing(image_size=32, source_size=SIZE, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3)
+    ramp = (torch.arange(60) * 4).to(torch.uint8)  # 0 .. 236 across the width
+    images = ramp.view(1, 1, 60, 1).expand(64, 80, 60, 3).contiguous()
+    full = preprocess(images, identity)[:, 0, 16]
+    torch.manual_seed(0)
+    cropped = preprocess(images, identity, augment="crop")
+    assert cropped.shape == (64, 3, 32, 32)
+    rows = cropped[:, 0, 16]
+    span = (rows[:, -1] - rows[:, 0]).abs() / (full[:, -1] - full[:, 0])
+    # Windows keep 60-100 % of the area at a 3/4-4/3 aspect change: 0.67-1 of the width.
+    # (The full-image reference is antialiased, which pulls its edge columns in by ~1 %.)
+    assert float(span.min()) > 0.6 and float(span.max()) <= 1.02
+    assert float(span.std()) > 0.02  # a different window per image
+    assert float(rows.min()) >= -1e-3 and float(rows.max()) <= 236 + 1e-3  # never outside the image
