@@ -220,9 +220,9 @@ def write_model_card(path: str, summary: dict, curves: str) -> None:
         f"- labels ({len(data['labels'])}): " + ", ".join(data["labels"]),
         "- skipped rows: " + (", ".join(f"{v} {k}" for k, v in data["dropped"].items() if v) or "none"),
         f"- model: {summary['train_config']['model'] if not summary['train_config']['from_scratch'] else 'ViT-' + summary['train_config']['vit_size'] + ' from scratch'}"
-        f" at {summary['preprocessing']['image_size']}px",
+        f" at {summary['preprocessing']['image_size']}px, {summary['train_config'].get('recipe', 'pretrained')} recipe",
         f"- best trial {best['trial_id']}, epoch {best['epoch']}: "
-        + ", ".join(f"{k} {v:g}" for k, v in best["config"].items()),
+        + ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in best["config"].items()),
         f"- validation accuracy {best['val']['val_accuracy']:.4f}, macro-F1 {best['val']['val_macro_f1']:.4f}",
         "",
         "## Test split (scored once, for this model)",
