@@ -23,8 +23,29 @@ MASTER_CATEGORIES = (
 )
 VIT_SIZES = ("tiny", "small", "base")
 SEARCHES = ("none", "asha")
+AUGMENTS = ("flip", "crop")  # flip: random horizontal flip; crop: + random resized crop
+CLASS_WEIGHTS = ("none", "sqrt", "balanced")  # loss weight per class: 1, or (n / (k * n_c)) ** 0.5 or ** 1
 # The metric that picks epochs, trials and the exported model: one name everywhere.
 METRIC = "val_accuracy"
+
+
+# A recipe is the training values a user gets without setting them; a flag given on the
+# command line wins over its recipe's value (see `with_recipe`).
+RECIPES = {
+    # The seed's fine-tune of a pretrained checkpoint, exactly: TrainConfig's defaults.
+    "pretrained": dict(
+        vit_size="base", image_size=224, epochs=3, lr=2e-5, batch_size=32, weight_decay=0.0, warmup_ratio=0.0,
+        label_smoothing=0.0, augment="flip", class_weights="none", search_image_sizes=None,
+    ),
+    # Random weights. The images are 60x80: a tiny ViT at 32 px (4 patches of 16) trains
+    # ~20x faster than at 224, so it gets many epochs, with the rate and regularisation
+    # that random weights need. Measured choices: README, "Training without pretrained weights".
+    "scratch": dict(
+        vit_size="tiny", image_size=32, epochs=7, lr=3e-4, batch_size=64, weight_decay=0.05, warmup_ratio=0.1,
+        label_smoothing=0.1, augment="flip", class_weights="none", search_image_sizes=(32, 48),
+    ),
+}
+RECIPE_FIELDS = tuple(RECIPES["pretrained"])
 
 
 class FashionVitError(Exception):
@@ -51,17 +72,22 @@ class TrainConfig:
     image_size: int = 224  # model input side; below the checkpoint's, position embeddings are resampled
     init_from: str | None = None  # start from a vit_model.pth (its weights and label set) instead of `model`
     reinit_head: bool = False  # with init_from: a new classifier head when the label sets differ
-    # --- baseline hyperparameters (the seed's recipe) ---
+    # --- baseline hyperparameters: RECIPES["pretrained"], the seed's recipe ---
+    recipe: str = "pretrained"  # the recipe the unset values below came from (jobs/tune.py)
     epochs: int = 3
     lr: float = 2e-5
     batch_size: int = 32  # per worker
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0  # share of steps with linear warmup; then linear decay to 0
     label_smoothing: float = 0.0
+    max_grad_norm: float = 1.0  # clip the global gradient norm (transformers' Trainer default); 0: off
+    augment: str = "flip"  # flip | crop (flip + random resized crop), on the device
+    class_weights: str = "none"  # none | sqrt | balanced: cross-entropy weights against class imbalance
     bf16: bool = True  # bf16 autocast on GPUs that support it; no effect on CPU
     # --- tuning ---
     search: str = "none"  # none: the baseline only; asha: baseline + num_samples sampled trials
     num_samples: int = 4  # sampled trials added by --search asha
+    search_image_sizes: tuple[int, ...] | None = None  # with asha: trials also sample the input size from these
     max_concurrent_trials: int | None = None  # None: as many as the resources allow
     num_to_keep: int = 2  # checkpoints kept per trial, best validation accuracy first
     # --- resources ---
@@ -90,12 +116,20 @@ class TrainConfig:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 16 <= self.image_size <= 1024:
-            raise ConfigError(f"--image-size must be between 16 and 1024, got {self.image_size}")
-        if self.image_size % 16:
-            raise ConfigError(f"--image-size must be a multiple of the patch size 16, got {self.image_size}")
+        sizes = [("--image-size", self.image_size)] + [("--search-image-sizes", s) for s in self.search_image_sizes or ()]
+        for flag, size in sizes:
+            if not 16 <= size <= 1024 or size % 16:
+                raise ConfigError(f"{flag} must be a multiple of the patch size 16 between 16 and 1024, got {size}")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if self.vit_size not in VIT_SIZES:
             raise ConfigError(f"--vit-size must be one of {', '.join(VIT_SIZES)}, got {self.vit_size!r}")
         if self.search not in SEARCHES:
@@ -127,6 +161,23 @@ class TrainConfig:
         if not self.from_scratch and self.model.startswith((".", "/", "~")) and not os.path.isdir(self.model):
             raise ConfigError(f"--model {self.model!r} looks like a path but is not a folder")
         return self
+
+
+def with_recipe(flags: dict) -> TrainConfig:
+    """The TrainConfig for command-line `flags` (None: not given): the recipe fills every
+    recipe field the user left unset. The recipe is `flags["recipe"]`, else "scratch"
+    with --from-scratch, else "pretrained"; --recipe scratch implies --from-scratch."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    recipe = given.pop("recipe", None) or ("scratch" if given.get("from_scratch") else "pretrained")
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if recipe == "scratch":
+        if given.get("init_from") or given.get("model", DEFAULT_MODEL) != DEFAULT_MODEL:
+            raise ConfigError("--recipe scratch trains from random weights: drop --model/--init-from, or use --recipe pretrained")
+        given["from_scratch"] = True
+    if given.get("search_image_sizes") is not None:
+        given["search_image_sizes"] = tuple(given["search_image_sizes"])
+    return TrainConfig(**{**RECIPES[recipe], **given, "recipe": recipe})
 
 
 @dataclass

@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -34,7 +35,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = TrainConfig(**config["train_config"])
     labels: list[str] = config["labels"]
-    prep = Preprocessing.from_dict(config["preprocessing"])
+    # Images were decoded once for all trials; the input size may differ per trial.
+    prep = replace(Preprocessing.from_dict(config["preprocessing"]), image_size=cfg.image_size)
     train_rows: int = config["train_rows"]
 
     ctx = ray.train.get_context()
@@ -64,6 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     model = ray.train.torch.prepare_model(model)
     autocast = _autocast(device, cfg.bf16)
+    weights = class_weights(config["class_counts"], cfg.class_weights)
+    weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")  # not split: every worker sees all of it
 
@@ -76,7 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_buffer_size=min(SHUFFLE_BUFFER, max(train_rows // world, 1)),
             local_shuffle_seed=cfg.seed + epoch,
         )
-        train_loss, seen = train_one_epoch(model, batches, optimizer, scheduler, prep, cfg.label_smoothing, autocast)
+        train_loss, seen = train_one_epoch(model, batches, optimizer, scheduler, prep, cfg, weights, autocast)
         train_seconds = time.perf_counter() - t0
         if rank == 0:  # the whole validation set, once; the sums below add zeros from other ranks
             unwrapped = getattr(model, "module", model)
@@ -117,19 +121,22 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, prep: Preprocessing, label_smoothing: float, autocast):
-    """One pass over `batches`; returns (summed loss, images seen)."""
+def train_one_epoch(model, batches, optimizer, scheduler, prep: Preprocessing, cfg: TrainConfig, weights, autocast):
+    """One pass over `batches`; returns (summed loss, images seen). `weights`: per-class
+    cross-entropy weights, or None."""
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
     seen = 0
     for batch in batches:
-        x = preprocess(batch["image"], prep, train=True)
+        x = preprocess(batch["image"], prep, augment=cfg.augment)
         y = batch["label"]
         with autocast():
             logits = model(pixel_values=x).logits
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         # Accumulate on the device: .item() per step would stall a GPU every batch.
@@ -152,6 +159,20 @@ def evaluate(model, batches, prep: Preprocessing, num_classes: int, autocast):
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         cm += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes * num_classes)
     return loss_sum, cm.numpy().reshape(num_classes, num_classes)
+
+
+def class_weights(counts: list[int], mode: str) -> list[float] | None:
+    """Cross-entropy weight per class from its training count: None for "none";
+    n / (k * n_c) for "balanced" (every class weighs the same in total), its square root
+    for "sqrt" (rare classes count more, without making ~20 images as loud as ~15,000).
+    A class with no training rows gets weight 0."""
+    if mode == "none":
+        return None
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    w = np.zeros_like(counts)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return (np.sqrt(w) if mode == "sqrt" else w).tolist()
 
 
 def _adamw(model, lr: float, weight_decay: float):

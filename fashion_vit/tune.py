@@ -27,7 +27,9 @@ from fashion_vit.train import MODEL_FILE, train_loop_per_worker
 from fashion_vit.transforms import Preprocessing
 
 # Hyperparameters a trial may vary; the rest of TrainConfig is fixed for the experiment.
-HYPERPARAMETERS = ("lr", "batch_size", "weight_decay", "warmup_ratio", "label_smoothing")
+HYPERPARAMETERS = (
+    "lr", "batch_size", "weight_decay", "warmup_ratio", "label_smoothing", "augment", "class_weights", "image_size",
+)
 CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to a result that has a checkpoint
 
 
@@ -41,18 +43,35 @@ class TuneOutcome:
 
 
 def search_space(cfg: TrainConfig) -> dict:
-    """What `--search asha` samples, centred on the baseline recipe; batch size moves the
-    step count, so it is searched on a small grid."""
+    """What `--search asha` samples, centred on the trial's recipe; batch size moves the
+    step count, so it is searched on a small grid. Anything not searched stays at the
+    baseline's value."""
     from ray import tune
 
-    return {
-        # A decade either side of the recipe's rate: fits fine-tuning and from-scratch alike.
-        "lr": tune.loguniform(cfg.lr / 10, min(cfg.lr * 10, 0.5)),
-        "batch_size": tune.choice(sorted({max(8, cfg.batch_size // 2), cfg.batch_size, cfg.batch_size * 2})),
-        "weight_decay": tune.choice([0.0, 0.01, 0.05]),
-        "warmup_ratio": tune.choice([0.0, 0.05, 0.1]),
-        "label_smoothing": tune.choice([0.0, 0.1]),
-    }
+    space = baseline(cfg)
+    if cfg.recipe == "scratch":
+        # Random weights: the rate matters within a factor of a few, and what fights
+        # overfitting (decay, smoothing, crops) and the imbalance is worth trying.
+        space.update(
+            lr=tune.loguniform(cfg.lr / 3, min(cfg.lr * 3, 0.5)),
+            weight_decay=tune.choice([0.05, 0.1]),
+            label_smoothing=tune.choice([0.0, 0.1]),
+            augment=tune.choice(["flip", "crop"]),
+            class_weights=tune.choice(["none", "sqrt"]),
+        )
+    else:
+        space.update(
+            # A decade either side of the fine-tuning rate.
+            lr=tune.loguniform(cfg.lr / 10, min(cfg.lr * 10, 0.5)),
+            batch_size=tune.choice(sorted({max(8, cfg.batch_size // 2), cfg.batch_size, cfg.batch_size * 2})),
+            weight_decay=tune.choice([0.0, 0.01, 0.05]),
+            warmup_ratio=tune.choice([0.0, 0.05, 0.1]),
+            label_smoothing=tune.choice([0.0, 0.1]),
+        )
+    if cfg.search_image_sizes:
+        # The position embeddings are resampled to each trial's size (model.resize_image_size).
+        space["image_size"] = tune.choice(sorted(set(cfg.search_image_sizes)))
+    return space
 
 
 def baseline(cfg: TrainConfig) -> dict:
@@ -79,7 +98,7 @@ def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = TrainConfig(**setup["train_config"])
-    trial_cfg = replace(cfg, **{k: config[k] for k in HYPERPARAMETERS})
+    trial_cfg = replace(cfg, **{k: config[k] for k in HYPERPARAMETERS if k in config})
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -165,7 +184,9 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     # Check the model can be had before any trial starts (and get its mean/std).
     init_payload = read_checkpoint(cfg.init_from) if cfg.init_from else None
     _, (mean, std) = create_model(cfg, data.labels, init_payload)
-    source_size = infer_source_size(data.frame["image"], cfg.image_size)
+    # Decoded once for every trial: at the largest input size any trial may use.
+    sizes = [cfg.image_size, *(cfg.search_image_sizes or ())] if cfg.search == "asha" else [cfg.image_size]
+    source_size = infer_source_size(data.frame["image"], max(sizes))
     prep = Preprocessing(image_size=cfg.image_size, source_size=source_size, mean=tuple(mean), std=tuple(std))
     timings["data_load_s"] = time.perf_counter() - t
 
@@ -197,6 +218,7 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
         "labels": data.labels,
         "preprocessing": prep.to_dict(),
         "train_rows": datasets["train"].count(),
+        "class_counts": class_counts(data.frame["label"].to_numpy()[splits["train"]], len(data.labels)),
         "use_gpu": use_gpu,
         "storage": storage,
         # One copy in the object store; workers need not see the driver's disk.
@@ -275,7 +297,7 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
             "split_sizes": {k: int(len(v)) for k, v in splits.items()},
             "class_counts": {k: class_counts(data.frame["label"].to_numpy()[v], len(data.labels)) for k, v in splits.items()},
         },
-        "preprocessing": prep.to_dict(),
+        "preprocessing": payload["preprocessing"],  # the best trial's (its input size may be searched)
         "train_config": asdict(cfg),
         "experiment": _join(storage, cfg.name),
         "best": best,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fashion_vit.config import MASTER_CATEGORIES
+from fashion_vit.config import MASTER_CATEGORIES, RECIPES
 from fashion_vit.model import load_checkpoint, model_from_payload
 from fashion_vit.predict import Predictor
 from fashion_vit.transforms import decode_image
@@ -20,7 +20,9 @@ def test_baseline_exports_a_working_model_that_beats_the_majority_class(trained,
     path = trained / "vit_model.pth"
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["id2label"] == dict(enumerate(MASTER_CATEGORIES))
+    # The scratch recipe, with the test's --epochs over it.
     assert raw["train_config"]["epochs"] == 4 and raw["train_config"]["from_scratch"] is True
+    assert raw["train_config"]["recipe"] == "scratch" and raw["train_config"]["vit_size"] == "tiny"
     assert raw["preprocessing"]["image_size"] == 32
 
     summary = json.loads((trained / "summary.json").read_text())
@@ -38,7 +40,7 @@ def test_baseline_exports_a_working_model_that_beats_the_majority_class(trained,
     for row in trials[0]["history"]:
         for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "epoch_seconds", "images_per_second"):
             assert key in row
-    assert trials[0]["config"]["lr"] == pytest.approx(1e-3)
+    assert trials[0]["config"]["lr"] == pytest.approx(RECIPES["scratch"]["lr"])
 
     # The file alone rebuilds a working model, without Ray and without the hub.
     model, prep = model_from_payload(load_checkpoint(str(path)))
@@ -65,13 +67,18 @@ def test_asha_search_stops_a_trial_early_and_every_trial_finishes(samples, ray_s
     trials = summary["trials"]
     assert len(trials) == 5
     assert all(t["error"] is None and t["epochs_run"] >= 1 for t in trials)
-    assert trials[0]["config"]["lr"] == pytest.approx(1e-3)  # the baseline is a trial
+    assert trials[0]["config"]["lr"] == pytest.approx(RECIPES["scratch"]["lr"])  # the baseline is a trial
     assert any(t["epochs_run"] < 3 for t in trials), [(t["epochs_run"], t["best_val_accuracy"]) for t in trials]
     assert len({t["config"]["lr"] for t in trials}) == 5
     best = summary["best"]
     assert best["val"]["val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
     raw = torch.load(tmp_path / "vit_model.pth", weights_only=True)
     assert raw["train_config"]["lr"] == best["config"]["lr"]
+    # The scratch recipe's search also samples the input size; the exported model and
+    # the summary carry the size its trial trained at, the one prediction must use.
+    assert {t["config"]["image_size"] for t in trials} <= {32, 48} and trials[0]["config"]["image_size"] == 32
+    assert raw["preprocessing"]["image_size"] == best["config"]["image_size"] == summary["preprocessing"]["image_size"]
+    assert raw["train_config"]["image_size"] == best["config"]["image_size"]
 
 
 def test_pretrained_folder_path_starts_from_its_weights(trained, samples, ray_session, tmp_path):

@@ -1,0 +1,98 @@
+"""Recipes: where the training values a user did not give come from, and what a search
+over them varies. The short real run of the scratch recipe is the `trained` fixture
+(tests/conftest.py), checked in tests/test_tune.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+from fashion_vit.config import RECIPE_FIELDS, RECIPES, ConfigError, TrainConfig
+from fashion_vit.train import class_weights
+from fashion_vit.tune import HYPERPARAMETERS, baseline, search_space
+from jobs.tune import parse_args
+from tests.conftest import ROOT
+
+
+def _recipe_values(cfg: TrainConfig) -> dict:
+    return {k: getattr(cfg, k) for k in RECIPE_FIELDS}
+
+
+def test_the_pretrained_baseline_is_the_seed_recipe_unchanged():
+    cfg = parse_args([])
+    assert cfg.recipe == "pretrained" and cfg.from_scratch is False
+    assert (cfg.model, cfg.image_size, cfg.epochs, cfg.lr, cfg.batch_size) == ("google/vit-base-patch16-224-in21k", 224, 3, 2e-5, 32)
+    assert (cfg.weight_decay, cfg.warmup_ratio, cfg.label_smoothing, cfg.augment, cfg.class_weights) == (0.0, 0.0, 0.0, "flip", "none")
+    # The library's defaults are the same recipe: TrainConfig() is the baseline too.
+    assert asdict(cfg) == asdict(TrainConfig())
+
+
+def test_from_scratch_takes_the_scratch_recipe():
+    cfg = parse_args(["--from-scratch"])
+    assert cfg.recipe == "scratch" and cfg.from_scratch
+    assert _recipe_values(cfg) == RECIPES["scratch"]
+    assert parse_args(["--recipe", "scratch"]) == cfg  # --recipe scratch implies --from-scratch
+
+
+def test_explicit_flags_win_over_the_recipe():
+    cfg = parse_args(["--from-scratch", "--lr", "3e-4", "--epochs", "2", "--image-size", "64", "--class-weights", "sqrt"])
+    assert (cfg.lr, cfg.epochs, cfg.image_size, cfg.class_weights) == (3e-4, 2, 64, "sqrt")
+    rest = {k: v for k, v in RECIPES["scratch"].items() if k not in ("lr", "epochs", "image_size", "class_weights")}
+    assert {k: getattr(cfg, k) for k in rest} == rest
+    # A value equal to the other recipe's default still counts as given.
+    assert parse_args(["--from-scratch", "--epochs", "3"]).epochs == 3
+    # And the pretrained recipe can be asked for with random weights.
+    cfg = parse_args(["--from-scratch", "--recipe", "pretrained", "--vit-size", "tiny"])
+    assert cfg.from_scratch and (cfg.lr, cfg.epochs, cfg.image_size, cfg.vit_size) == (2e-5, 3, 224, "tiny")
+
+
+def test_scratch_recipe_with_pretrained_weights_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="random weights"):
+        parse_args(["--recipe", "scratch", "--model", str(tmp_path)])
+    proc = subprocess.run([sys.executable, "jobs/tune.py", "--recipe", "scratch", "--model", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "random weights" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_search_spaces_vary_what_each_recipe_needs():
+    from ray.tune.search.sample import Domain
+
+    scratch = search_space(parse_args(["--from-scratch"]))
+    assert set(scratch) == set(HYPERPARAMETERS)
+    varied = {k for k, v in scratch.items() if isinstance(v, Domain)}
+    assert varied == {"lr", "weight_decay", "label_smoothing", "augment", "class_weights", "image_size"}
+    assert sorted(scratch["image_size"].categories) == sorted(RECIPES["scratch"]["search_image_sizes"])
+    lr = RECIPES["scratch"]["lr"]
+    assert scratch["lr"].lower == pytest.approx(lr / 3) and scratch["lr"].upper == pytest.approx(lr * 3)
+    assert set(scratch["class_weights"].categories) == {"none", "sqrt"}
+
+    pretrained = search_space(parse_args([]))
+    varied = {k for k, v in pretrained.items() if isinstance(v, Domain)}
+    assert varied == {"lr", "batch_size", "weight_decay", "warmup_ratio", "label_smoothing"}
+    assert pretrained["image_size"] == 224 and pretrained["augment"] == "flip"
+    with_sizes = search_space(parse_args(["--search-image-sizes", "224", "112", "160"]))
+    assert sorted(with_sizes["image_size"].categories) == [112, 160, 224]
+    # The baseline trial is the recipe itself.
+    assert baseline(parse_args(["--from-scratch"]))["image_size"] == RECIPES["scratch"]["image_size"]
+
+
+def test_search_image_sizes_must_fit_the_patch_size():
+    with pytest.raises(ConfigError, match="--search-image-sizes must be a multiple of the patch size"):
+        parse_args(["--search-image-sizes", "32", "40"]).validate()
+
+
+def test_class_weights_balance_the_training_counts():
+    counts = [15000, 8000, 6500, 1500, 80, 18]
+    assert class_weights(counts, "none") is None
+    balanced = np.array(class_weights(counts, "balanced"))
+    # Every class then carries the same total weight, and the total is unchanged.
+    totals = balanced * counts
+    assert np.allclose(totals, totals[0]) and totals.sum() == pytest.approx(sum(counts))
+    sqrt = np.array(class_weights(counts, "sqrt"))
+    assert np.allclose(sqrt, np.sqrt(balanced)) and np.all(np.diff(sqrt) > 0)
+    # A class absent from the training split weighs nothing instead of dividing by zero.
+    assert class_weights([10, 0, 30], "balanced")[1] == 0.0
