@@ -132,7 +132,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, prep: Preprocessing, c
         y = batch["label"]
         with autocast():
             logits = model(pixel_values=x).logits
-        loss = F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=cfg.label_smoothing)
+        loss = _loss(logits.float(), y, weights, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm:
@@ -159,6 +159,18 @@ def evaluate(model, batches, prep: Preprocessing, num_classes: int, autocast):
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         cm += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes * num_classes)
     return loss_sum, cm.numpy().reshape(num_classes, num_classes)
+
+
+def _loss(logits, y, weights, label_smoothing: float):
+    """Cross-entropy, each image weighted by its class. Not F.cross_entropy(weight=...):
+    with label smoothing that also weights the smoothing term by every class's weight,
+    which pulls all predictions toward the rare classes (seen: validation loss 0.75
+    against 0.22, accuracy 2 points lower)."""
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none")
+    if weights is None:
+        return loss.mean()
+    w = weights[y]
+    return (loss * w).sum() / w.sum()
 
 
 def class_weights(counts: list[int], mode: str) -> list[float] | None:

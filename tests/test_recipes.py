@@ -96,3 +96,23 @@ def test_class_weights_balance_the_training_counts():
     assert np.allclose(sqrt, np.sqrt(balanced)) and np.all(np.diff(sqrt) > 0)
     # A class absent from the training split weighs nothing instead of dividing by zero.
     assert class_weights([10, 0, 30], "balanced")[1] == 0.0
+
+
+def test_class_weighted_loss_weights_images_not_the_smoothing_term():
+    import torch
+
+    from fashion_vit.train import _loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(32, 6), torch.randint(0, 6, (32,))
+    # No weights: plain (smoothed) cross-entropy.
+    torch.testing.assert_close(_loss(logits, y, None, 0.1), torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1))
+    # Equal weights change nothing, whatever their scale.
+    torch.testing.assert_close(_loss(logits, y, torch.full((6,), 7.0), 0.1), _loss(logits, y, None, 0.1))
+    # A class's weight scales only its own images' share.
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 20.0])
+    per_image = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(_loss(logits, y, w, 0.1), (per_image * w[y]).sum() / w[y].sum())
+    # A weighted class with no image in the batch leaves the loss as it was.
+    y_common = y.clamp(max=4)
+    torch.testing.assert_close(_loss(logits, y_common, w, 0.1), _loss(logits, y_common, None, 0.1))
