@@ -3,10 +3,14 @@ PyTorch loop over the same files and the same model, measured in one run.
 
     python bench/predict_throughput.py --images 20000 --vit-size tiny --image-size 224
 
-The plain loop reads, decodes (the project's decode_image), preprocesses (the
-project's preprocess) and runs the model in batches on all cores: the ceiling for
-one machine. The job is timed as a whole process (Ray start, listing, CSV included).
-Prints both rates and their ratio last. Needs ../shared/data/fashion-small (or --data).
+Two plain references, both in one process on all cores (or the GPU):
+- the plain loop reads, decodes (the project's decode_image), preprocesses (the
+  project's preprocess) and runs the model in batches: the ceiling for one machine
+  doing the whole job;
+- the plain forward runs the model alone over batches already decoded, resized and
+  normalised on the device (bf16 autocast on a GPU, as the job): the arithmetic ceiling.
+The job is timed as a whole process (Ray start, listing, CSV included). Prints the
+rates and the ratios, job / plain loop last. Needs ../shared/data/fashion-small (or --data).
 """
 
 from __future__ import annotations
@@ -55,6 +59,28 @@ def plain_loop(folder: Path, model_path: Path, batch_size: int) -> float:
     return len(paths) / (time.perf_counter() - t0)
 
 
+def plain_forward(folder: Path, model_path: Path, batch_size: int, steps: int = 20) -> float:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, prep = model_from_payload(load_checkpoint(str(model_path)))
+    model.to(device)
+    paths = sorted(str(p) for p in folder.iterdir())[: batch_size * 4]
+    raw = torch.from_numpy(np.stack([decode_image(open(p, "rb").read(), prep.source_size) for p in paths]))
+    batches = [preprocess(raw[i : i + batch_size].to(device), prep) for i in range(0, len(raw), batch_size)]
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for x in batches:  # warm-up
+            model(pixel_values=x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            model(pixel_values=batches[i % len(batches)]).logits.softmax(1).max(1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
 def job(folder: Path, model_path: Path, out: Path, batch_size: int) -> float:
     n = sum(1 for _ in folder.iterdir())
     t0 = time.perf_counter()
@@ -83,13 +109,18 @@ def main() -> None:
     model, (mean, std) = create_model(TrainConfig(from_scratch=True, vit_size=args.vit_size, image_size=args.image_size), list(MASTER_CATEGORIES))
     save_checkpoint(str(model_path), model, Preprocessing(args.image_size, (80, 60), mean, std), {}, {})
 
-    plain, ours = [], []
+    plain, forward, ours = [], [], []
     for run in range(args.runs):
+        forward.append(plain_forward(folder, model_path, args.batch_size))
         plain.append(plain_loop(folder, model_path, args.batch_size))
         ours.append(job(folder, model_path, args.work / "pred.csv", args.batch_size))
-        print(f"run {run + 1}: plain loop {plain[-1]:.1f} img/s, jobs/batch_predict.py {ours[-1]:.1f} img/s", flush=True)
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, ViT-{args.vit_size} at {args.image_size}, {args.images} images, batch {args.batch_size}")
+        print(f"run {run + 1}: plain forward {forward[-1]:.1f} img/s, plain loop {plain[-1]:.1f} img/s, "
+              f"jobs/batch_predict.py {ours[-1]:.1f} img/s", flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
+    print(f"machine: {device}, torch {torch.__version__}, ViT-{args.vit_size} at {args.image_size}, {args.images} images, batch {args.batch_size}")
+    print(f"median plain forward: {statistics.median(forward):.1f} img/s")
     print(f"median plain loop: {statistics.median(plain):.1f} img/s")
+    print(f"ratio (job / plain forward): {statistics.median(ours) / statistics.median(forward):.3f}")
     print(f"median jobs/batch_predict.py: {statistics.median(ours):.1f} img/s")
     print(f"ratio (job / plain): {statistics.median(ours) / statistics.median(plain):.3f}")
 

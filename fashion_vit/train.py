@@ -164,8 +164,8 @@ def evaluate(model, batches, prep: Preprocessing, num_classes: int, autocast):
 def _loss(logits, y, weights, label_smoothing: float):
     """Cross-entropy, each image weighted by its class. Not F.cross_entropy(weight=...):
     with label smoothing that also weights the smoothing term by every class's weight,
-    which pulls all predictions toward the rare classes (seen: validation loss 0.75
-    against 0.22, accuracy 2 points lower)."""
+    which pulls all predictions toward the rare classes (seen on the full data: validation
+    loss 0.68 against 0.21, test accuracy 1.1 points lower)."""
     loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none")
     if weights is None:
         return loss.mean()
