@@ -41,7 +41,7 @@ RECIPES = {
     # ~20x faster than at 224, so it gets many epochs, with the rate and regularisation
     # that random weights need. Measured choices: README, "Training without pretrained weights".
     "scratch": dict(
-        vit_size="tiny", image_size=32, epochs=7, lr=3e-4, batch_size=64, weight_decay=0.05, warmup_ratio=0.1,
+        vit_size="tiny", image_size=32, epochs=6, lr=3e-4, batch_size=64, weight_decay=0.05, warmup_ratio=0.1,
         label_smoothing=0.1, augment="flip", class_weights="none", search_image_sizes=(32, 48),
     ),
 }
