@@ -120,8 +120,8 @@ def main() -> None:
     print(f"machine: {device}, torch {torch.__version__}, ViT-{args.vit_size} at {args.image_size}, {args.images} images, batch {args.batch_size}")
     print(f"median plain forward: {statistics.median(forward):.1f} img/s")
     print(f"median plain loop: {statistics.median(plain):.1f} img/s")
-    print(f"ratio (job / plain forward): {statistics.median(ours) / statistics.median(forward):.3f}")
     print(f"median jobs/batch_predict.py: {statistics.median(ours):.1f} img/s")
+    print(f"ratio (job / plain forward): {statistics.median(ours) / statistics.median(forward):.3f}")
     print(f"ratio (job / plain): {statistics.median(ours) / statistics.median(plain):.3f}")
 
 
