@@ -29,25 +29,6 @@ CLASS_WEIGHTS = ("none", "sqrt", "balanced")  # loss weight per class: 1, or (n 
 METRIC = "val_accuracy"
 
 
-# A recipe is the training values a user gets without setting them; a flag given on the
-# command line wins over its recipe's value (see `with_recipe`).
-RECIPES = {
-    # The seed's fine-tune of a pretrained checkpoint, exactly: TrainConfig's defaults.
-    "pretrained": dict(
-        vit_size="base", image_size=224, epochs=3, lr=2e-5, batch_size=32, weight_decay=0.0, warmup_ratio=0.0,
-        label_smoothing=0.0, augment="flip", class_weights="none", search_image_sizes=None,
-    ),
-    # Random weights. The images are 60x80: a tiny ViT at 32 px (4 patches of 16) trains
-    # ~20x faster than at 224, so it gets many epochs, with the rate and regularisation
-    # that random weights need. Measured choices: README, "Training without pretrained weights".
-    "scratch": dict(
-        vit_size="tiny", image_size=32, epochs=6, lr=3e-4, batch_size=64, weight_decay=0.05, warmup_ratio=0.1,
-        label_smoothing=0.1, augment="flip", class_weights="none", search_image_sizes=(32, 48),
-    ),
-}
-RECIPE_FIELDS = tuple(RECIPES["pretrained"])
-
-
 class FashionVitError(Exception):
     """A problem the user can fix; the jobs print it as one line, without a traceback."""
 
@@ -72,7 +53,7 @@ class TrainConfig:
     image_size: int = 224  # model input side; below the checkpoint's, position embeddings are resampled
     init_from: str | None = None  # start from a vit_model.pth (its weights and label set) instead of `model`
     reinit_head: bool = False  # with init_from: a new classifier head when the label sets differ
-    # --- baseline hyperparameters: RECIPES["pretrained"], the seed's recipe ---
+    # --- baseline hyperparameters: the seed's recipe, RECIPES["pretrained"] ---
     recipe: str = "pretrained"  # the recipe the unset values below came from (jobs/tune.py)
     epochs: int = 3
     lr: float = 2e-5
@@ -161,6 +142,25 @@ class TrainConfig:
         if not self.from_scratch and self.model.startswith((".", "/", "~")) and not os.path.isdir(self.model):
             raise ConfigError(f"--model {self.model!r} looks like a path but is not a folder")
         return self
+
+
+# A recipe is the training values a user gets without setting them; a flag given on the
+# command line wins over its recipe's value (see `with_recipe`).
+RECIPE_FIELDS = (
+    "vit_size", "image_size", "epochs", "lr", "batch_size", "weight_decay", "warmup_ratio",
+    "label_smoothing", "augment", "class_weights", "search_image_sizes",
+)
+RECIPES = {
+    # The seed's fine-tune of a pretrained checkpoint, exactly: TrainConfig's own defaults.
+    "pretrained": {f: getattr(TrainConfig, f) for f in RECIPE_FIELDS},
+    # Random weights. The images are 60x80: a tiny ViT at 32 px (4 patches of 16) trains
+    # ~20x faster than at 224, so it gets many epochs, with the rate and regularisation
+    # that random weights need. Measured choices: README, "Training without pretrained weights".
+    "scratch": dict(
+        vit_size="tiny", image_size=32, epochs=6, lr=3e-4, batch_size=64, weight_decay=0.05, warmup_ratio=0.1,
+        label_smoothing=0.1, augment="flip", class_weights="none", search_image_sizes=(32, 48),
+    ),
+}
 
 
 def with_recipe(flags: dict) -> TrainConfig:

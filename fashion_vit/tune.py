@@ -179,6 +179,7 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     splits = stratified_split(data.frame["label"].to_numpy(), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     log(data.summary())
     log("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    split_counts = {k: class_counts(data.frame["label"].to_numpy()[v], len(data.labels)) for k, v in splits.items()}
     if len(splits["val"]) == 0 or len(splits["test"]) == 0:
         raise DataError("too few rows to hold out validation and test images; use more data")
     # Check the model can be had before any trial starts (and get its mean/std).
@@ -218,7 +219,7 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
         "labels": data.labels,
         "preprocessing": prep.to_dict(),
         "train_rows": datasets["train"].count(),
-        "class_counts": class_counts(data.frame["label"].to_numpy()[splits["train"]], len(data.labels)),
+        "class_counts": split_counts["train"],  # for --class-weights
         "use_gpu": use_gpu,
         "storage": storage,
         # One copy in the object store; workers need not see the driver's disk.
@@ -295,7 +296,7 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
             "repaired_lines": data.repaired,
             "undecodable": undecodable,
             "split_sizes": {k: int(len(v)) for k, v in splits.items()},
-            "class_counts": {k: class_counts(data.frame["label"].to_numpy()[v], len(data.labels)) for k, v in splits.items()},
+            "class_counts": split_counts,
         },
         "preprocessing": payload["preprocessing"],  # the best trial's (its input size may be searched)
         "train_config": asdict(cfg),
