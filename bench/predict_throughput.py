@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fashion_vit.config import MASTER_CATEGORIES, TrainConfig  # noqa: E402
-from fashion_vit.model import create_model, load_checkpoint, model_from_payload, save_checkpoint  # noqa: E402
+from fashion_vit.model import create_model, load_checkpoint, save_checkpoint  # noqa: E402
 from fashion_vit.transforms import Preprocessing, decode_image, preprocess  # noqa: E402
 
 
@@ -48,13 +48,13 @@ def make_folder(data: Path, n: int, dest: Path) -> Path:
 
 def plain_loop(folder: Path, model_path: Path, batch_size: int) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
-    model, prep = model_from_payload(load_checkpoint(str(model_path)))
+    model, prep = load_checkpoint(str(model_path)).build()
     paths = sorted(str(p) for p in folder.iterdir())
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(paths), batch_size):
             chunk = paths[i : i + batch_size]
-            x = torch.from_numpy(np.stack([decode_image(open(p, "rb").read(), prep.source_size) for p in chunk]))
+            x = torch.from_numpy(np.stack([decode_image(Path(p).read_bytes(), prep.source_size) for p in chunk]))
             model(pixel_values=preprocess(x, prep)).logits.softmax(1).max(1)
     return len(paths) / (time.perf_counter() - t0)
 
@@ -62,10 +62,10 @@ def plain_loop(folder: Path, model_path: Path, batch_size: int) -> float:
 def plain_forward(folder: Path, model_path: Path, batch_size: int, steps: int = 20) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
-    model, prep = model_from_payload(load_checkpoint(str(model_path)))
+    model, prep = load_checkpoint(str(model_path)).build()
     model.to(device)
     paths = sorted(str(p) for p in folder.iterdir())[: batch_size * 4]
-    raw = torch.from_numpy(np.stack([decode_image(open(p, "rb").read(), prep.source_size) for p in paths]))
+    raw = torch.from_numpy(np.stack([decode_image(Path(p).read_bytes(), prep.source_size) for p in paths]))
     batches = [preprocess(raw[i : i + batch_size].to(device), prep) for i in range(0, len(raw), batch_size)]
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -85,9 +85,21 @@ def job(folder: Path, model_path: Path, out: Path, batch_size: int) -> float:
     n = sum(1 for _ in folder.iterdir())
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "batch_predict.py"), "--input", str(folder), "--model", str(model_path),
-         "--output", str(out), "--batch-size", str(batch_size)],
-        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "batch_predict.py"),
+            "--input",
+            str(folder),
+            "--model",
+            str(model_path),
+            "--output",
+            str(out),
+            "--batch-size",
+            str(batch_size),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return n / (time.perf_counter() - t0)
 
@@ -106,7 +118,9 @@ def main() -> None:
     folder = make_folder(args.data, args.images, args.work / f"images-{args.images}")
     model_path = args.work / f"vit-{args.vit_size}-{args.image_size}.pth"
     torch.manual_seed(0)
-    model, (mean, std) = create_model(TrainConfig(from_scratch=True, vit_size=args.vit_size, image_size=args.image_size), list(MASTER_CATEGORIES))
+    model, (mean, std) = create_model(
+        TrainConfig(from_scratch=True, vit_size=args.vit_size, image_size=args.image_size), list(MASTER_CATEGORIES)
+    )
     save_checkpoint(str(model_path), model, Preprocessing(args.image_size, (80, 60), mean, std), {}, {})
 
     plain, forward, ours = [], [], []
@@ -114,10 +128,15 @@ def main() -> None:
         forward.append(plain_forward(folder, model_path, args.batch_size))
         plain.append(plain_loop(folder, model_path, args.batch_size))
         ours.append(job(folder, model_path, args.work / "pred.csv", args.batch_size))
-        print(f"run {run + 1}: plain forward {forward[-1]:.1f} img/s, plain loop {plain[-1]:.1f} img/s, "
-              f"jobs/batch_predict.py {ours[-1]:.1f} img/s", flush=True)
+        print(
+            f"run {run + 1}: plain forward {forward[-1]:.1f} img/s, plain loop {plain[-1]:.1f} img/s, "
+            f"jobs/batch_predict.py {ours[-1]:.1f} img/s",
+            flush=True,
+        )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
-    print(f"machine: {device}, torch {torch.__version__}, ViT-{args.vit_size} at {args.image_size}, {args.images} images, batch {args.batch_size}")
+    print(
+        f"machine: {device}, torch {torch.__version__}, ViT-{args.vit_size} at {args.image_size}, {args.images} images, batch {args.batch_size}"
+    )
     print(f"median plain forward: {statistics.median(forward):.1f} img/s")
     print(f"median plain loop: {statistics.median(plain):.1f} img/s")
     print(f"median jobs/batch_predict.py: {statistics.median(ours):.1f} img/s")

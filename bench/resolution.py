@@ -39,22 +39,42 @@ def main() -> None:
 
     rows = []
     for size in args.sizes:
-        cfg = replace(base, image_size=size, output_dir=str(args.work / f"size-{size}"), name=f"resolution-{size}-{int(time.time())}").validate()
+        cfg = replace(
+            base,
+            image_size=size,
+            output_dir=str(args.work / f"size-{size}"),
+            name=f"resolution-{size}-{int(time.time())}",
+        ).validate()
         t0 = time.perf_counter()
         outcome = tune.run(cfg, log=lambda *_: None)
         wall = time.perf_counter() - t0
         history = outcome.trials[0]["history"]
         rate = statistics.median(r["images_per_second"] for r in (history[1:] or history))
         test = outcome.best["test"]
-        rows.append((size, outcome.best["val"]["val_accuracy"], test["accuracy"], test["macro_f1"], rate, sum(r["epoch_seconds"] for r in history), wall))
-        print(f"size {size}: val {rows[-1][1]:.4f} test {rows[-1][2]:.4f} macro-F1 {rows[-1][3]:.4f} {rate:.1f} img/s, {wall:.0f}s", flush=True)
+        rows.append(
+            (
+                size,
+                outcome.best["val"]["val_accuracy"],
+                test["accuracy"],
+                test["macro_f1"],
+                rate,
+                sum(r["epoch_seconds"] for r in history),
+                wall,
+            )
+        )
+        print(
+            f"size {size}: val {rows[-1][1]:.4f} test {rows[-1][2]:.4f} macro-F1 {rows[-1][3]:.4f} {rate:.1f} img/s, {wall:.0f}s",
+            flush=True,
+        )
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
     print(f"\nmachine: {device}; jobs/tune.py {' '.join(flags)}\n")
     print("| input size | patches | val accuracy | test accuracy | test macro-F1 | train img/s | epochs s | job s |")
     print("|---|---|---|---|---|---|---|---|")
     for size, val, acc, f1, rate, epochs_s, wall in rows:
-        print(f"| {size} | {(size // 16) ** 2} | {val:.4f} | {acc:.4f} | {f1:.4f} | {rate:.1f} | {epochs_s:.0f} | {wall:.0f} |")
+        print(
+            f"| {size} | {(size // 16) ** 2} | {val:.4f} | {acc:.4f} | {f1:.4f} | {rate:.1f} | {epochs_s:.0f} | {wall:.0f} |"
+        )
 
 
 if __name__ == "__main__":

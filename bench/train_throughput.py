@@ -79,7 +79,6 @@ def plain_loop(cfg: TrainConfig, images, repeats: int, steps: int) -> list[float
             step(batches[i % len(batches)])
         _sync(device)
         rates.append(steps * cfg.batch_size / (time.perf_counter() - t0))
-    del model, optimizer, batches
     return rates
 
 
@@ -103,8 +102,16 @@ def main() -> None:
 
     shutil.rmtree(args.work, ignore_errors=True)
     cfg = TrainConfig(
-        data_dir=str(args.data), limit=args.rows, from_scratch=True, vit_size=args.vit_size, image_size=args.image_size,
-        batch_size=args.batch_size, epochs=args.epochs, lr=1e-3, bf16=args.bf16, output_dir=str(args.work),
+        data_dir=str(args.data),
+        limit=args.rows,
+        from_scratch=True,
+        vit_size=args.vit_size,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        lr=1e-3,
+        bf16=args.bf16,
+        output_dir=str(args.work),
         recipe="scratch",
     ).validate()
 
@@ -123,12 +130,17 @@ def main() -> None:
     plain = plain_loop(cfg, data.frame["image"], args.repeats, steps)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
-    print(f"machine: {device}, torch {torch.__version__}; ViT-{args.vit_size} at {args.image_size}, batch {args.batch_size}, "
-          f"bf16 {args.bf16 and torch.cuda.is_available()}")
+    print(
+        f"machine: {device}, torch {torch.__version__}; ViT-{args.vit_size} at {args.image_size}, batch {args.batch_size}, "
+        f"bf16 {args.bf16 and torch.cuda.is_available()}"
+    )
     print("project epochs (img/s): " + ", ".join(f"{row['images_per_second']:.1f}" for row in history))
     print("plain passes (img/s): " + ", ".join(f"{r:.1f}" for r in plain))
-    print("project time: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in outcome.timings.items())
-          + f"; whole run {wall:.1f}s")
+    print(
+        "project time: "
+        + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in outcome.timings.items())
+        + f"; whole run {wall:.1f}s"
+    )
     print(f"median plain training step: {statistics.median(plain):.1f} img/s")
     print(f"median project training (epochs 2+): {statistics.median(ours):.1f} img/s")
     print(f"ratio (project / plain): {statistics.median(ours) / statistics.median(plain):.3f}")

@@ -1,4 +1,7 @@
-"""Job configurations: one dataclass per job, every field defaulted and commented.
+"""Job configurations: one dataclass per job. Each option is declared once, as a field
+made by `option()`: its default, its command-line flag and help text, its value in the
+scratch recipe, and whether a search varies it. The parsers (`fashion_vit.cli`), the
+recipes and the list of searched hyperparameters are derived from these declarations.
 
 `asdict()` of these is what reaches Ray and what is stored inside `vit_model.pth`,
 so a checkpoint always says how it was made.
@@ -7,7 +10,9 @@ so a checkpoint always says how it was made.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+
+from fashion_vit.files import is_uri
 
 DEFAULT_DATASET = "ashraq/fashion-product-images-small"
 DEFAULT_MODEL = "google/vit-base-patch16-224-in21k"
@@ -23,8 +28,9 @@ MASTER_CATEGORIES = (
 )
 VIT_SIZES = ("tiny", "small", "base")
 SEARCHES = ("none", "asha")
-AUGMENTS = ("flip", "crop")  # flip: random horizontal flip; crop: + random resized crop
-CLASS_WEIGHTS = ("none", "sqrt", "balanced")  # loss weight per class: 1, or (n / (k * n_c)) ** 0.5 or ** 1
+AUGMENTS = ("flip", "crop")
+CLASS_WEIGHTS = ("none", "sqrt", "balanced")
+SPLITS = ("test", "val", "train", "all")
 # The metric that picks epochs, trials and the exported model: one name everywhere.
 METRIC = "val_accuracy"
 
@@ -37,53 +43,223 @@ class ConfigError(FashionVitError):
     """An invalid flag or value, found before any work starts (exit status 2)."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for rates."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+NOT_IN_RECIPE = object()
+
+
+def option(
+    default=None,
+    help: str | None = None,
+    *,
+    group: str | None = None,
+    flag: str | None = None,
+    scratch=NOT_IN_RECIPE,
+    searched: bool = False,
+    negative: tuple[str, str] | None = None,
+    cli_default=MISSING,
+    default_factory=MISSING,
+    **argparse_kwargs,
+):
+    """A config field declared once.
+
+    default: the library default, which is also the pretrained recipe's value.
+    help: the flag's help text; None leaves the field off the command line.
+    group: the --help section. flag: the flag's name (default --field-name).
+    scratch: the scratch recipe's value; a field with one is a recipe field, whose flag
+      defaults to None so that a value the user gives can be told from the recipe's.
+    searched: a search may vary it per trial (the space itself is in tune.search_space).
+    negative: (flag, help) of a second flag that sets the field to False, exclusive with the first.
+    cli_default: the flag's default when it differs from the field's (the help then says it).
+    argparse_kwargs: type, choices, action, nargs, metavar, required, ... as argparse takes them.
+    """
+    metadata = {
+        "help": help,
+        "group": group,
+        "flag": flag,
+        "scratch": scratch,
+        "searched": searched,
+        "negative": negative,
+        "cli_default": cli_default,
+        "argparse": argparse_kwargs,
+    }
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+DATA, MODEL, TRAINING, SEARCH, RESOURCES = (
+    "data",
+    "model",
+    "training (the baseline trial; --search varies these)",
+    "search",
+    "resources and outputs",
+)
+
+
 @dataclass
 class TrainConfig:
     # --- data ---
-    data_dir: str | None = None  # Kaggle-layout folder (styles.csv + images/); None: the hub dataset
-    dataset: str = DEFAULT_DATASET  # Hugging Face dataset id, used when data_dir is None
-    label_column: str = DEFAULT_LABEL_COLUMN  # column to classify; other columns take labels from the data
-    limit: int | None = None  # stratified subsample of this many rows (quick runs, tests)
-    val_fraction: float = 0.1  # share of each class held out for validation
-    test_fraction: float = 0.1  # share of each class held out for the final test
+    data_dir: str | None = option(
+        None, "local folder in the Kaggle layout (styles.csv + images/<id>.jpg) instead of the hub dataset", group=DATA
+    )
+    dataset: str = option(DEFAULT_DATASET, "Hugging Face dataset id", group=DATA)
+    label_column: str = option(
+        DEFAULT_LABEL_COLUMN, "column to classify: masterCategory (6 labels), subCategory, articleType, ...", group=DATA
+    )
+    limit: int | None = option(
+        None, "train on a stratified sample of this many rows (quick runs)", group=DATA, type=positive_int
+    )
+    val_fraction: float = option(0.1)  # share of each class held out for validation
+    test_fraction: float = option(0.1)  # share of each class held out for the final test
     # --- model ---
-    model: str = DEFAULT_MODEL  # hub id or local directory of a saved ViT
-    from_scratch: bool = False  # random init on purpose (offline machines, tests); ignores `model`
-    vit_size: str = "base"  # tiny | small | base, only with from_scratch
-    image_size: int = 224  # model input side; below the checkpoint's, position embeddings are resampled
-    init_from: str | None = None  # start from a vit_model.pth (its weights and label set) instead of `model`
-    reinit_head: bool = False  # with init_from: a new classifier head when the label sets differ
-    # --- baseline hyperparameters: the seed's recipe, RECIPES["pretrained"] ---
-    recipe: str = "pretrained"  # the recipe the unset values below came from (jobs/tune.py)
-    epochs: int = 3
-    lr: float = 2e-5
-    batch_size: int = 32  # per worker
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0  # share of steps with linear warmup; then linear decay to 0
-    label_smoothing: float = 0.0
-    max_grad_norm: float = 1.0  # clip the global gradient norm (transformers' Trainer default); 0: off
-    augment: str = "flip"  # flip | crop (flip + random resized crop), on the device
-    class_weights: str = "none"  # none | sqrt | balanced: cross-entropy weights against class imbalance
-    bf16: bool = True  # bf16 autocast on GPUs that support it; no effect on CPU
+    model: str = option(DEFAULT_MODEL, "hub id or local folder of a pretrained ViT", group=MODEL)
+    from_scratch: bool = option(
+        False,
+        "randomly initialised ViT of --vit-size instead of --model (offline machines)",
+        group=MODEL,
+        action="store_true",
+    )
+    vit_size: str = option("base", "size for --from-scratch", group=MODEL, scratch="tiny", choices=VIT_SIZES)
+    init_from: str | None = option(
+        None,
+        "start every trial from this vit_model.pth (its weights and label set), e.g. to fine-tune further on new data",
+        group=MODEL,
+    )
+    reinit_head: bool = option(
+        False,
+        "with --init-from: train a new classifier head when the data's labels differ",
+        group=MODEL,
+        action="store_true",
+    )
+    image_size: int = option(
+        224, "model input side in pixels, a multiple of 16", group=MODEL, scratch=32, searched=True, type=positive_int
+    )
+    # --- training: TrainConfig's defaults are the seed's recipe, RECIPES["pretrained"] ---
+    recipe: str = option(
+        "pretrained",
+        "where unset training values come from (default: scratch with --from-scratch, else pretrained; scratch implies --from-scratch)",
+        group=TRAINING,
+        choices=("pretrained", "scratch"),
+        cli_default=None,
+    )
+    epochs: int = option(3, "epochs per trial", group=TRAINING, scratch=6, type=positive_int)
+    lr: float = option(2e-5, "AdamW learning rate", group=TRAINING, scratch=3e-4, searched=True, type=positive_float)
+    batch_size: int = option(
+        32, "images per step per worker", group=TRAINING, scratch=64, searched=True, type=positive_int
+    )
+    weight_decay: float = option(0.0, "AdamW weight decay", group=TRAINING, scratch=0.05, searched=True, type=float)
+    warmup_ratio: float = option(
+        0.0,
+        "share of steps with linear warmup before linear decay",
+        group=TRAINING,
+        scratch=0.1,
+        searched=True,
+        type=float,
+    )
+    label_smoothing: float = option(
+        0.0, "cross-entropy label smoothing", group=TRAINING, scratch=0.1, searched=True, type=float
+    )
+    max_grad_norm: float = option(
+        1.0,
+        "clip the gradient norm to this (transformers' Trainer default), 0 for no clipping",
+        group=TRAINING,
+        type=float,
+    )
+    augment: str = option(
+        "flip",
+        "flip: random horizontal flip; crop: also a random resized crop, on the device",
+        group=TRAINING,
+        scratch="flip",
+        searched=True,
+        choices=AUGMENTS,
+    )
+    class_weights: str = option(
+        "none",
+        "cross-entropy weights against class imbalance: none, sqrt or balanced inverse frequency",
+        group=TRAINING,
+        scratch="none",
+        searched=True,
+        choices=CLASS_WEIGHTS,
+    )
+    bf16: bool = option(True, "train in fp32 on GPUs too", group=TRAINING, flag="--no-bf16", action="store_false")
     # --- tuning ---
-    search: str = "none"  # none: the baseline only; asha: baseline + num_samples sampled trials
-    num_samples: int = 4  # sampled trials added by --search asha
-    search_image_sizes: tuple[int, ...] | None = None  # with asha: trials also sample the input size from these
-    max_concurrent_trials: int | None = None  # None: as many as the resources allow
-    num_to_keep: int = 2  # checkpoints kept per trial, best validation accuracy first
-    # --- resources ---
-    num_workers: int = 1  # data-parallel Ray Train workers per trial
-    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: int | None = None  # also each CPU worker's torch threads; None: share the CPUs among the trials
-    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a local Ray
-    # --- outputs ---
-    output_dir: str = "results"  # vit_model.pth and summary.json land here
-    storage: str | None = None  # Ray experiment storage; None: <output_dir>/experiments
-    name: str | None = None  # experiment name; None: fashion-vit-<UTC time>, or with resume the latest
-    resume: bool = False  # continue an interrupted experiment instead of starting one
-    seed: int = 42
+    search: str = option(
+        "none",
+        "none: the baseline only; asha: baseline + --num-samples sampled trials, stopped early by ASHA",
+        group=SEARCH,
+        choices=SEARCHES,
+    )
+    num_samples: int = option(4, "sampled trials for --search asha", group=SEARCH, type=positive_int)
+    search_image_sizes: tuple[int, ...] | None = option(
+        None,
+        "with --search asha, trials also sample the input size from these",
+        group=SEARCH,
+        scratch=(32, 48),
+        type=positive_int,
+        nargs="+",
+        metavar="SIZE",
+    )
+    max_concurrent_trials: int | None = option(
+        None, "cap on trials running at once (default: as resources allow)", group=SEARCH, type=positive_int
+    )
+    num_to_keep: int = option(2)  # checkpoints kept per trial, best validation accuracy first
+    # --- resources and outputs ---
+    num_workers: int = option(1, "data-parallel workers per trial", group=RESOURCES, type=positive_int)
+    use_gpu: bool | None = option(
+        None,
+        "one GPU per worker (default: when the cluster has GPUs)",
+        group=RESOURCES,
+        flag="--gpu",
+        negative=("--cpu", "train on CPUs even if GPUs exist"),
+    )
+    cpus_per_worker: int | None = option(
+        None,
+        "CPUs (and torch threads) per CPU worker (default: the CPUs divided among the trials)",
+        group=RESOURCES,
+        type=positive_int,
+    )
+    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)", group=RESOURCES)
+    output_dir: str = option("results", "where vit_model.pth and summary.json go", group=RESOURCES)
+    storage: str | None = option(
+        None, "Ray experiment storage, a path or URI (default: <output-dir>/experiments)", group=RESOURCES
+    )
+    name: str | None = option(
+        None, "experiment name (default: fashion-vit-<UTC time>; with --resume, the latest)", group=RESOURCES
+    )
+    resume: bool = option(
+        False,
+        "continue an interrupted experiment: finished trials are kept, unfinished ones continue from their last checkpoint",
+        group=RESOURCES,
+        action="store_true",
+    )
+    seed: int = option(42, "seed for the split, sampling and init", group=RESOURCES, type=int)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check every value before Ray starts; raise ConfigError with one clear line."""
         _positive("--epochs", self.epochs)
         _positive("--batch-size", self.batch_size)
@@ -101,20 +277,14 @@ class TrainConfig:
             raise ConfigError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        sizes = [("--image-size", self.image_size)] + [("--search-image-sizes", s) for s in self.search_image_sizes or ()]
+        sizes = [("--image-size", self.image_size)] + [
+            ("--search-image-sizes", s) for s in self.search_image_sizes or ()
+        ]
         for flag, size in sizes:
             if not 16 <= size <= 1024 or size % 16:
                 raise ConfigError(f"{flag} must be a multiple of the patch size 16 between 16 and 1024, got {size}")
-        if self.augment not in AUGMENTS:
-            raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
-        if self.class_weights not in CLASS_WEIGHTS:
-            raise ConfigError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTS)}, got {self.class_weights!r}")
-        if self.recipe not in RECIPES:
-            raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
-        if self.vit_size not in VIT_SIZES:
-            raise ConfigError(f"--vit-size must be one of {', '.join(VIT_SIZES)}, got {self.vit_size!r}")
-        if self.search not in SEARCHES:
-            raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        for name in ("augment", "class_weights", "recipe", "vit_size", "search"):
+            _one_of(self, name)
         if self.search == "asha":
             _positive("--num-samples", self.num_samples)
         if self.max_concurrent_trials is not None:
@@ -125,15 +295,7 @@ class TrainConfig:
             if not 0 < frac < 0.5:
                 raise ConfigError(f"{flag} must be in (0, 0.5), got {frac}")
         if self.data_dir is not None:
-            if not os.path.isdir(self.data_dir):
-                raise ConfigError(f"--data-dir {self.data_dir!r} is not a folder")
-            styles = os.path.join(self.data_dir, "styles.csv")
-            if not os.path.isfile(styles):
-                raise ConfigError(f"--data-dir {self.data_dir!r} has no styles.csv (expected the Kaggle layout: styles.csv + images/)")
-            with open(styles, encoding="utf-8", errors="replace") as f:
-                header = [h.strip() for h in f.readline().strip().split(",")]
-            if self.label_column not in header:
-                raise ConfigError(f"--label-column {self.label_column!r} is not a column of {styles} (columns: {', '.join(header)})")
+            check_kaggle_folder("--data-dir", self.data_dir, self.label_column)
         if self.init_from is not None and not os.path.isfile(self.init_from):
             raise ConfigError(f"--init-from {self.init_from!r} is not a file (give a vit_model.pth)")
         if self.init_from is not None and self.from_scratch:
@@ -145,22 +307,20 @@ class TrainConfig:
 
 
 # A recipe is the training values a user gets without setting them; a flag given on the
-# command line wins over its recipe's value (see `with_recipe`).
-RECIPE_FIELDS = (
-    "vit_size", "image_size", "epochs", "lr", "batch_size", "weight_decay", "warmup_ratio",
-    "label_smoothing", "augment", "class_weights", "search_image_sizes",
+# command line wins over its recipe's value (see `with_recipe`). Both come from the fields.
+RECIPE_FIELDS = tuple(
+    f.name for f in fields(TrainConfig) if f.metadata.get("scratch", NOT_IN_RECIPE) is not NOT_IN_RECIPE
 )
 RECIPES = {
     # The seed's fine-tune of a pretrained checkpoint, exactly: TrainConfig's own defaults.
-    "pretrained": {f: getattr(TrainConfig, f) for f in RECIPE_FIELDS},
+    "pretrained": {f.name: f.default for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
     # Random weights. The images are 60x80: a tiny ViT at 32 px (4 patches of 16) trains
     # ~20x faster than at 224, so it gets many epochs, with the rate and regularisation
     # that random weights need. Measured choices: README, "Training without pretrained weights".
-    "scratch": dict(
-        vit_size="tiny", image_size=32, epochs=6, lr=3e-4, batch_size=64, weight_decay=0.05, warmup_ratio=0.1,
-        label_smoothing=0.1, augment="flip", class_weights="none", search_image_sizes=(32, 48),
-    ),
+    "scratch": {f.name: f.metadata["scratch"] for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
 }
+# Hyperparameters a trial may vary; the rest of TrainConfig is fixed for the experiment.
+HYPERPARAMETERS = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("searched"))
 
 
 def with_recipe(flags: dict) -> TrainConfig:
@@ -173,29 +333,48 @@ def with_recipe(flags: dict) -> TrainConfig:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
     if recipe == "scratch":
         if given.get("init_from") or given.get("model", DEFAULT_MODEL) != DEFAULT_MODEL:
-            raise ConfigError("--recipe scratch trains from random weights: drop --model/--init-from, or use --recipe pretrained")
+            raise ConfigError(
+                "--recipe scratch trains from random weights: drop --model/--init-from, or use --recipe pretrained"
+            )
         given["from_scratch"] = True
     if given.get("search_image_sizes") is not None:
         given["search_image_sizes"] = tuple(given["search_image_sizes"])
     return TrainConfig(**{**RECIPES[recipe], **given, "recipe": recipe})
 
 
+def recipe_help(name: str) -> str:
+    """What each recipe sets a recipe field to, for --help."""
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    pretrained, scratch = RECIPES["pretrained"][name], RECIPES["scratch"][name]
+    if pretrained == scratch:
+        return f"default: {show(pretrained)}"
+    return f"default: {show(pretrained)}; {show(scratch)} with --from-scratch"
+
+
 @dataclass
 class PredictConfig:
-    inputs: list[str] = field(default_factory=list)  # folders (or URIs) searched recursively for images
-    model: str = "results/vit_model.pth"  # vit_model.pth from jobs/tune.py, or a Hugging Face model folder
-    output: str = "results/predictions.csv"  # one CSV, written atomically
-    batch_size: int = 64  # images per model call
-    top_k: int = 0  # extra columns with the k best labels and probabilities
-    num_actors: int | None = None  # predictor actors; None: one per GPU, or one on CPU
-    threads: int | None = None  # torch threads per CPU actor; None: the node's CPU count
-    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or a local Ray
+    inputs: list[str] = option(
+        help="folder (or s3://, gs:// URI) searched recursively for images; repeatable",
+        flag="--input",
+        action="append",
+        required=True,
+        default_factory=list,
+    )
+    model: str = option("results/vit_model.pth", "vit_model.pth from jobs/tune.py, or a Hugging Face model folder")
+    output: str = option("results/predictions.csv", "CSV to write, atomically")
+    batch_size: int = option(64, "images per model call", type=positive_int)
+    top_k: int = option(0, "also write the k most likely labels and their probabilities", type=int)
+    num_actors: int | None = option(None, "predictor actors (default: one per GPU, else one)", type=positive_int)
+    threads: int | None = option(
+        None, "torch threads per CPU actor (default: the machine's CPU count)", type=positive_int
+    )
+    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
-    def validate(self) -> "PredictConfig":
+    def validate(self) -> PredictConfig:
         if not self.inputs:
             raise ConfigError("give at least one --input folder")
         for path in self.inputs:
-            if "://" not in path and not os.path.isdir(path):
+            if not is_uri(path) and not os.path.isdir(path):
                 raise ConfigError(f"--input {path!r} is not a folder")
         _positive("--batch-size", self.batch_size)
         if self.top_k < 0:
@@ -204,7 +383,7 @@ class PredictConfig:
             _positive("--num-actors", self.num_actors)
         if self.threads is not None:
             _positive("--threads", self.threads)
-        if "://" not in self.model and not os.path.exists(self.model):
+        if not is_uri(self.model) and not os.path.exists(self.model):
             raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
         if os.path.isdir(self.output):
             raise ConfigError(f"--output {self.output!r} is a folder; give a file path such as predictions.csv")
@@ -216,27 +395,48 @@ class PredictConfig:
         return self
 
 
-SPLITS = ("test", "val", "train", "all")
-
-
 @dataclass
 class EvalConfig:
-    model: str = "results/vit_model.pth"  # checkpoint to score
-    data_dir: str | None = None  # Kaggle-layout folder; None: the data the checkpoint was trained on
-    dataset: str | None = None  # Hugging Face dataset id instead of data_dir
-    split: str = "test"  # test | val | train (of the training data's split) | all rows
-    output: str = "results/report"  # folder for metrics.json, per_class.csv and the plots
+    model: str = option("results/vit_model.pth", "vit_model.pth to score")
+    data_dir: str | None = option(None, "Kaggle-layout folder to score (default: the data the model was trained on)")
+    dataset: str | None = option(None, "Hugging Face dataset id to score instead")
+    split: str = option("test", "which split of the training data; other data is scored whole", choices=SPLITS)
+    output: str = option("results/report", "report folder: metrics.json, per_class.csv and the plots")
 
-    def validate(self) -> "EvalConfig":
-        if self.split not in SPLITS:
-            raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+    def validate(self) -> EvalConfig:
+        _one_of(self, "split")
         if not os.path.exists(self.model):
             raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
-        if self.data_dir is not None and not os.path.isfile(os.path.join(self.data_dir, "styles.csv")):
-            raise ConfigError(f"--data-dir {self.data_dir!r} is not a Kaggle-layout folder (no styles.csv)")
+        if self.data_dir is not None:
+            check_kaggle_folder("--data-dir", self.data_dir)
         if self.data_dir is not None and self.dataset is not None:
             raise ConfigError("give --data-dir or --dataset, not both")
         return self
+
+
+def check_kaggle_folder(flag: str, folder: str, label_column: str | None = None) -> None:
+    """A folder with styles.csv (and, if given, that column in its header)."""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {folder!r} is not a folder")
+    styles = os.path.join(folder, "styles.csv")
+    if not os.path.isfile(styles):
+        raise ConfigError(f"{flag} {folder!r} has no styles.csv (expected the Kaggle layout: styles.csv + images/)")
+    if label_column is not None:
+        with open(styles, encoding="utf-8", errors="replace") as f:
+            header = [h.strip() for h in f.readline().strip().split(",")]
+        if label_column not in header:
+            raise ConfigError(
+                f"--label-column {label_column!r} is not a column of {styles} (columns: {', '.join(header)})"
+            )
+
+
+def _one_of(cfg, name: str) -> None:
+    """The field's value is one of its declared choices."""
+    meta = next(f.metadata for f in fields(cfg) if f.name == name)
+    choices, value = meta["argparse"]["choices"], getattr(cfg, name)
+    if value not in choices:
+        flag = meta["flag"] or "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _positive(flag: str, value: int) -> None:

@@ -22,8 +22,16 @@ from fashion_vit.config import MASTER_CATEGORIES, FashionVitError, TrainConfig
 from fashion_vit.transforms import decode_batch
 
 KAGGLE_COLUMNS = (
-    "id", "gender", "masterCategory", "subCategory", "articleType",
-    "baseColour", "season", "year", "usage", "productDisplayName",
+    "id",
+    "gender",
+    "masterCategory",
+    "subCategory",
+    "articleType",
+    "baseColour",
+    "season",
+    "year",
+    "usage",
+    "productDisplayName",
 )
 
 
@@ -58,7 +66,12 @@ def load_data(cfg: TrainConfig, labels: list[str] | None = None) -> LoadedData:
     if cfg.data_dir is not None:
         table, dropped, repaired, source = _kaggle_table(cfg.data_dir, cfg.label_column)
     else:
-        table, dropped, repaired, source = _hub_table(cfg.dataset, cfg.label_column), {}, 0, f"hub dataset {cfg.dataset}"
+        table, dropped, repaired, source = (
+            _hub_table(cfg.dataset, cfg.label_column),
+            {},
+            0,
+            f"hub dataset {cfg.dataset}",
+        )
 
     values = table[cfg.label_column].astype("string").str.strip()
     missing = values.isna() | (values == "")
@@ -117,7 +130,7 @@ def read_styles_csv(path: str) -> tuple[pd.DataFrame, int, int]:
             if not fields:
                 continue
             if len(fields) > n:
-                fields = fields[: n - 1] + [",".join(fields[n - 1:])]
+                fields = [*fields[: n - 1], ",".join(fields[n - 1 :])]
                 repaired += 1
             elif len(fields) < n:
                 skipped += 1
@@ -130,8 +143,7 @@ def _kaggle_table(data_dir: str, label_column: str) -> tuple[pd.DataFrame, dict[
     table, repaired, short = read_styles_csv(os.path.join(data_dir, "styles.csv"))
     if label_column not in table.columns:
         raise DataError(
-            f"label column {label_column!r} is not in {data_dir}/styles.csv "
-            f"(columns: {', '.join(table.columns)})"
+            f"label column {label_column!r} is not in {data_dir}/styles.csv (columns: {', '.join(table.columns)})"
         )
     table = table.assign(id=table["id"].str.strip())
     bad_id = ~table["id"].str.fullmatch(r"\d+")
@@ -181,7 +193,7 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     for i in np.argsort(-(quota - take), kind="stable")[: n - take.sum()]:
         take[i] += 1
     rng = np.random.default_rng(seed)
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=False)]
     return np.sort(np.concatenate(chosen))
 
 

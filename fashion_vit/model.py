@@ -1,6 +1,5 @@
 """The ViT classifier: build it (hub id, local folder, or from scratch) and the
-`vit_model.pth` format. `save_checkpoint` / `load_checkpoint` are the only two places
-that know that format.
+`vit_model.pth` format, `SavedModel`: this module is the only place that knows it.
 
 A checkpoint is a plain dict of tensors, strings and numbers, so it loads with
 `torch.load(..., weights_only=True)`: opening a model file never runs code.
@@ -12,6 +11,7 @@ import json
 import math
 import os
 import pickle
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,10 @@ class ModelError(FashionVitError):
     """The model or a checkpoint could not be had."""
 
 
-def create_model(cfg: TrainConfig, labels: list[str], init_payload: dict | None = None):
+def create_model(cfg: TrainConfig, labels: list[str], init: SavedModel | None = None):
     """Build a ViTForImageClassification with a len(labels)-way head at cfg.image_size:
-    from `init_payload` (a vit_model.pth payload, for --init-from), from scratch, or
-    from cfg.model (hub id or folder).
+    from `init` (a saved model, for --init-from), from scratch, or from cfg.model (hub
+    id or folder).
 
     Returns (model, (mean, std)): the normalisation the backbone was trained with.
     """
@@ -43,8 +43,9 @@ def create_model(cfg: TrainConfig, labels: list[str], init_payload: dict | None 
 
     id2label = {i: name for i, name in enumerate(labels)}
     label2id = {name: i for i, name in id2label.items()}
-    if init_payload is not None:
-        return _continue_from(init_payload, labels, cfg), _payload_mean_std(init_payload)
+    if init is not None:
+        prep = init.preprocessing
+        return _continue_from(init, labels, cfg), (prep.mean, prep.std)
     if cfg.from_scratch:
         hidden, heads = VIT_DIMS[cfg.vit_size]
         config = ViTConfig(
@@ -80,12 +81,12 @@ def create_model(cfg: TrainConfig, labels: list[str], init_payload: dict | None 
     return model, _mean_std(cfg.model)
 
 
-def _continue_from(payload: dict, labels: list[str], cfg: TrainConfig):
+def _continue_from(init: SavedModel, labels: list[str], cfg: TrainConfig):
     """The saved model, checked against the data's label set, at cfg.image_size."""
     import torch.nn as nn
 
-    model, _ = model_from_payload(payload)
-    saved = [payload["id2label"][i] for i in range(len(payload["id2label"]))]
+    model, _ = init.build()
+    saved = init.labels
     if saved != list(labels):
         if not cfg.reinit_head:
             raise ModelError(
@@ -99,11 +100,6 @@ def _continue_from(payload: dict, labels: list[str], cfg: TrainConfig):
     if model.config.image_size != cfg.image_size:
         model = resize_image_size(model, cfg.image_size)
     return model.train()
-
-
-def _payload_mean_std(payload: dict):
-    prep = payload["preprocessing"]
-    return tuple(prep["mean"]), tuple(prep["std"])
 
 
 def resize_image_size(model, image_size: int):
@@ -143,29 +139,70 @@ def _mean_std(model_name: str):
         return DEFAULT_MEAN_STD
 
 
+@dataclass
+class SavedModel:
+    """What `vit_model.pth` holds: everything needed to rebuild and use the model without
+    the hub and without Ray. This module is the only place that knows the file's layout;
+    everything else reads these attributes."""
+
+    state_dict: dict  # parameter name -> CPU tensor
+    vit_config: dict  # transformers ViTConfig as a dict
+    labels: list[str]  # class index -> label
+    preprocessing: Preprocessing
+    train_config: dict = field(default_factory=dict)  # asdict(TrainConfig) of the run that made it; {} for a HF folder
+    metrics: dict = field(default_factory=dict)  # validation metrics of its epoch, and "test" once scored
+
+    def build(self):
+        """(model in eval mode on CPU, Preprocessing)."""
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig.from_dict(self.vit_config)
+        config.id2label = dict(enumerate(self.labels))
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        model = ViTForImageClassification(config)
+        model.load_state_dict(self.state_dict)
+        return model.eval(), self.preprocessing
+
+    def trained_with(self) -> TrainConfig | None:
+        """The TrainConfig that made it (fields this version knows), or None if unknown."""
+        known = {f.name for f in fields(TrainConfig)}
+        values = {k: v for k, v in self.train_config.items() if k in known}
+        return TrainConfig(**values) if values else None
+
+    def save(self, path: str) -> None:
+        """Write atomically, as a plain dict that loads with torch.load(weights_only=True)."""
+        payload = {
+            "format": FORMAT,
+            "state_dict": self.state_dict,
+            "vit_config": self.vit_config,
+            "id2label": dict(enumerate(self.labels)),
+            "preprocessing": self.preprocessing.to_dict(),
+            "train_config": self.train_config,
+            "metrics": self.metrics,
+        }
+        with atomic_open(path, "wb") as f:
+            torch.save(payload, f)
+
+    @classmethod
+    def from_model(cls, model, prep: Preprocessing, train_config: dict, metrics: dict) -> SavedModel:
+        model = getattr(model, "module", model)  # unwrap DDP
+        id2label = {int(k): v for k, v in model.config.id2label.items()}
+        return cls(
+            state_dict={k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            vit_config=json.loads(model.config.to_json_string(use_diff=False)),
+            labels=[id2label[i] for i in range(len(id2label))],
+            preprocessing=prep,
+            train_config=train_config,
+            metrics=metrics,
+        )
+
+
 def save_checkpoint(path: str, model, prep: Preprocessing, train_config: dict, metrics: dict) -> None:
-    """Write vit_model.pth atomically: everything needed to rebuild and use the model
-    without the hub and without Ray."""
-    model = getattr(model, "module", model)  # unwrap DDP
-    payload = {
-        "format": FORMAT,
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "vit_config": json.loads(model.config.to_json_string(use_diff=False)),
-        "id2label": {int(k): v for k, v in model.config.id2label.items()},
-        "preprocessing": prep.to_dict(),
-        "train_config": train_config,
-        "metrics": metrics,
-    }
-    atomic_torch_save(payload, path)
+    SavedModel.from_model(model, prep, train_config, metrics).save(path)
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    with atomic_open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def read_checkpoint(path: str) -> dict:
-    """Load a vit_model.pth payload safely (weights_only=True); ModelError if it is not one."""
+def read_checkpoint(path: str) -> SavedModel:
+    """Load a vit_model.pth safely (weights_only=True); ModelError if it is not one."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -173,33 +210,31 @@ def read_checkpoint(path: str) -> dict:
     except IsADirectoryError:
         raise ModelError(f"{path!r} is a folder without a Hugging Face model in it") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise ModelError(f"{path!r} is not a fashion-vit checkpoint, or it holds code and was refused ({_first_line(e)[:120]})") from None
+        raise ModelError(
+            f"{path!r} is not a fashion-vit checkpoint, or it holds code and was refused ({_first_line(e)[:120]})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelError(f"{path!r} is not a fashion-vit checkpoint (no {FORMAT!r} format tag)")
-    return payload
+    id2label = {int(k): v for k, v in payload["id2label"].items()}
+    return SavedModel(
+        state_dict=payload["state_dict"],
+        vit_config=payload["vit_config"],
+        labels=[id2label[i] for i in range(len(id2label))],
+        preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
+        train_config=payload.get("train_config") or {},
+        metrics=payload.get("metrics") or {},
+    )
 
 
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint payload of vit_model.pth, or of a Hugging Face model folder turned
-    into the same form, so everything downstream has one path."""
+def load_checkpoint(path: str) -> SavedModel:
+    """A vit_model.pth, or a Hugging Face model folder turned into the same form, so
+    everything downstream has one path."""
     if os.path.isdir(path):
-        return _payload_from_hf_folder(path)
+        return _from_hf_folder(path)
     return read_checkpoint(path)
 
 
-def model_from_payload(payload: dict):
-    """Rebuild (model in eval mode on CPU, Preprocessing) from a checkpoint payload."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig.from_dict(payload["vit_config"])
-    config.id2label = {int(k): v for k, v in payload["id2label"].items()}
-    config.label2id = {v: k for k, v in config.id2label.items()}
-    model = ViTForImageClassification(config)
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), Preprocessing.from_dict(payload["preprocessing"])
-
-
-def _payload_from_hf_folder(path: str) -> dict:
+def _from_hf_folder(path: str) -> SavedModel:
     from transformers import ViTForImageClassification
 
     try:
@@ -210,15 +245,7 @@ def _payload_from_hf_folder(path: str) -> dict:
     size = model.config.image_size
     # A folder does not say what size its training images had: decode straight to the input size.
     prep = Preprocessing(image_size=size, source_size=(size, size), mean=mean, std=std)
-    return {
-        "format": FORMAT,
-        "state_dict": model.state_dict(),
-        "vit_config": json.loads(model.config.to_json_string(use_diff=False)),
-        "id2label": {int(k): v for k, v in model.config.id2label.items()},
-        "preprocessing": prep.to_dict(),
-        "train_config": {},
-        "metrics": {},
-    }
+    return SavedModel.from_model(model, prep, train_config={}, metrics={})
 
 
 def _first_line(e: Exception) -> str:

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fashion_vit.config import FashionVitError, PredictConfig
-from fashion_vit.files import atomic_open
-from fashion_vit.model import load_checkpoint, model_from_payload
-from fashion_vit.transforms import Preprocessing, decode_image, preprocess
+from fashion_vit.cluster import cluster_nodes, describe, placeable, start_ray
+from fashion_vit.config import ConfigError, FashionVitError, PredictConfig
+from fashion_vit.files import atomic_open, filesystem, is_uri, read_bytes
+from fashion_vit.model import SavedModel, load_checkpoint
+from fashion_vit.transforms import decode_images, preprocess
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 PATHS_PER_BLOCK = 512  # rows per read/decode task: small enough to spread, big enough to amortise
@@ -56,22 +57,23 @@ class Predictor:
     top_k, label_i / prob_i. Rows with an error get an empty prediction.
     """
 
-    def __init__(self, checkpoint, top_k: int = 0, threads: int | None = None, bf16: bool = True):
-        if type(checkpoint).__name__ == "ObjectRef":  # the payload, put once by the driver
+    def __init__(self, model, top_k: int = 0, threads: int | None = None, bf16: bool = True):
+        """model: a SavedModel, a path load_checkpoint takes, or a Ray ObjectRef of a
+        SavedModel (the driver puts it in the object store once for all actors)."""
+        if isinstance(model, str):
+            model = load_checkpoint(model)
+        elif not isinstance(model, SavedModel):
             import ray
 
-            checkpoint = ray.get(checkpoint)
-        elif not isinstance(checkpoint, dict):  # a path
-            checkpoint = load_checkpoint(checkpoint)
-        self.model, self.prep = model_from_payload(checkpoint)
+            model = ray.get(model)
+        self.model, self.prep = model.build()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             # Ray pins actors to 1 thread (OMP_NUM_THREADS); a CPU predictor wants the node.
             torch.set_num_threads(threads or os.cpu_count() or 1)
         self.model.to(self.device)
         self.bf16 = bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        id2label = checkpoint["id2label"]
-        self.labels = np.array([id2label[i] for i in range(len(id2label))], dtype=object)
+        self.labels = np.array(model.labels, dtype=object)
         self.top_k = min(top_k, len(self.labels))
 
     @torch.inference_mode()
@@ -111,8 +113,8 @@ def list_images(inputs: list[str]) -> tuple[list[str], int]:
 
     paths, ignored = [], 0
     for root in inputs:
-        if "://" in root:
-            fs, base = pafs.FileSystem.from_uri(root)
+        if is_uri(root):
+            fs, base = filesystem(root)
             infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
             scheme = root.split("://", 1)[0]
             found = [f"{scheme}://{i.path}" for i in infos if i.type == pafs.FileType.File]
@@ -130,49 +132,41 @@ def list_images(inputs: list[str]) -> tuple[list[str], int]:
 
 def read_and_decode(batch: dict, source_size: tuple[int, int]) -> dict:
     """Ray Data task: read each path's bytes and decode; a failure becomes the row's error."""
-    paths = batch["path"]
-    h, w = source_size
-    images = np.zeros((len(paths), h, w, 3), np.uint8)
-    errors = np.full(len(paths), "", dtype=object)
-    for i, path in enumerate(paths):
-        try:
-            images[i] = decode_image(_read(path), source_size)
-        except ValueError as e:
-            errors[i] = str(e)
-        except OSError as e:  # unreadable: permissions, vanished, I/O error
-            errors[i] = f"unreadable: {e.strerror or type(e).__name__}"
-    return {"path": np.asarray(paths, dtype=object), "image": images, "error": errors}
-
-
-def _read(path: str) -> bytes:
-    if "://" in path:
-        import pyarrow.fs as pafs
-
-        fs, p = pafs.FileSystem.from_uri(path)
-        with fs.open_input_file(p) as f:
-            return f.read()
-    with open(path, "rb") as f:
-        return f.read()
+    paths = np.asarray(batch["path"], dtype=object)
+    images, errors = decode_images(paths, source_size, read=read_bytes)
+    return {"path": paths, "image": images, "error": errors}
 
 
 def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     """The whole `jobs/batch_predict.py`."""
     t0 = time.perf_counter()
-    payload = load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
-    prep = Preprocessing.from_dict(payload["preprocessing"])
+    saved = load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
     paths, ignored = list_images(cfg.inputs)
     if not paths:
         raise PredictError(f"no image files under {', '.join(cfg.inputs)} ({ignored} other files ignored)")
     log(f"{len(paths)} image files, {ignored} other files ignored")
 
-    import ray
-
-    ray.init(address=cfg.address, ignore_reinit_error=True)
-    ds = predict_dataset(paths_dataset(paths), payload, prep, cfg)
+    start_ray(cfg.address)
+    check_actors_fit(cfg.num_actors, cluster_nodes())
+    ds = predict_dataset(paths_dataset(paths), saved, cfg)
     columns = ["path", "predicted_category", "confidence", "error"]
     columns += [c for j in range(1, cfg.top_k + 1) for c in (f"label_{j}", f"prob_{j}")]
     predicted, failed = _write_csv(ds, cfg.output, columns)
     return PredictOutcome(cfg.output, predicted, failed, ignored, time.perf_counter() - t0)
+
+
+def check_actors_fit(num_actors: int | None, nodes) -> None:
+    """--num-actors must fit the cluster (one GPU, else one CPU, per actor): Ray Data
+    would otherwise wait for actors that can never start."""
+    if num_actors is None:
+        return
+    gpus = sum(n.gpus for n in nodes) > 0
+    fit = placeable(nodes, cpus=0 if gpus else 1, gpus=1 if gpus else 0)
+    if num_actors > fit:
+        unit = "GPU" if gpus else "CPU"
+        raise ConfigError(
+            f"--num-actors {num_actors} asks for {num_actors} {unit}s, but the cluster holds {fit} ({describe(nodes)})"
+        )
 
 
 def paths_dataset(paths: list[str]):
@@ -183,17 +177,21 @@ def paths_dataset(paths: list[str]):
     return ray.data.from_pandas([pd.DataFrame({"path": c}) for c in chunks])
 
 
-def predict_dataset(ds, payload: dict, prep: Preprocessing, cfg: PredictConfig):
+def predict_dataset(ds, saved: SavedModel, cfg: PredictConfig):
     """Add decode and prediction stages to a dataset of paths."""
     import ray
 
     # Output rows in input (path) order, so the CSV streams out already sorted.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = ds.map_batches(read_and_decode, fn_kwargs={"source_size": prep.source_size}, batch_size=PATHS_PER_BLOCK)
-    return add_predictions(ds, payload, cfg)
+    ds = ds.map_batches(
+        read_and_decode, fn_kwargs={"source_size": saved.preprocessing.source_size}, batch_size=PATHS_PER_BLOCK
+    )
+    return add_predictions(ds, saved, cfg.batch_size, cfg.top_k, cfg.threads, cfg.num_actors)
 
 
-def add_predictions(ds, payload: dict, cfg: PredictConfig):
+def add_predictions(
+    ds, saved: SavedModel, batch_size: int, top_k: int = 0, threads: int | None = None, num_actors: int | None = None
+):
     """Map `Predictor` over a dataset with a decoded `image` column, on an actor pool:
     one GPU per actor where the cluster has GPUs, CPU actors otherwise."""
     import ray
@@ -203,18 +201,18 @@ def add_predictions(ds, payload: dict, cfg: PredictConfig):
     return ds.map_batches(
         Predictor,
         # One copy in the object store for all actors, not one pickled per actor.
-        fn_constructor_kwargs={"checkpoint": ray.put(payload), "top_k": cfg.top_k, "threads": cfg.threads},
-        batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(size=cfg.num_actors or max(1, gpus)),
+        fn_constructor_kwargs={"model": ray.put(saved), "top_k": top_k, "threads": threads},
+        batch_size=batch_size,
+        compute=ActorPoolStrategy(size=num_actors or max(1, gpus)),
         num_gpus=1 if gpus else 0,
         num_cpus=1,
     )
 
 
-def predict_labelled(payload: dict, ds) -> tuple[np.ndarray, np.ndarray]:
+def predict_labelled(saved: SavedModel, ds) -> tuple[np.ndarray, np.ndarray]:
     """(true, predicted) label indices over a dataset with columns image and label."""
-    out = add_predictions(ds, payload, PredictConfig(batch_size=256))
-    label_index = {name: i for i, name in payload["id2label"].items()}
+    out = add_predictions(ds, saved, batch_size=256)
+    label_index = {name: i for i, name in enumerate(saved.labels)}
     y_true, y_pred = [], []
     for batch in out.iter_batches(batch_size=4096, batch_format="numpy"):
         y_true.append(batch["label"])
@@ -234,7 +232,7 @@ def _write_csv(ds, output: str, columns: list[str]) -> tuple[int, int]:
                 errors = batch["error"]
                 failed += int(np.sum(errors != ""))
                 predicted += int(np.sum(errors == ""))
-                writer.writerows(zip(*(_csv_column(batch[c]) for c in columns)))
+                writer.writerows(zip(*(_csv_column(batch[c]) for c in columns), strict=False))
     except OSError as e:
         raise PredictError(f"cannot write {output!r}: {e.strerror or e}") from None
     return predicted, failed

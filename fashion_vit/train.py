@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fashion_vit.config import METRIC, TrainConfig
 from fashion_vit.metrics import classification_report
-from fashion_vit.model import create_model, save_checkpoint
+from fashion_vit.model import create_model, read_checkpoint, save_checkpoint
 from fashion_vit.transforms import Preprocessing, preprocess
 
 MODEL_FILE = "vit_model.pth"
@@ -30,6 +30,8 @@ SHUFFLE_BUFFER = 4096  # rows; ~57 MB of 60x80 uint8 images
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """config: train_config (asdict of the trial's TrainConfig), labels, preprocessing,
+    train_rows, class_counts, and init (an ObjectRef of a SavedModel, or None)."""
     import ray.train
     import ray.train.torch
 
@@ -47,22 +49,12 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
 
-    init = config.get("init_payload")
+    init = config.get("init")
     model, _ = create_model(cfg, labels, ray.get(init) if init is not None else None)
     steps_per_epoch = math.ceil(train_rows / world / cfg.batch_size)
     optimizer = _adamw(model, cfg.lr, cfg.weight_decay)
     scheduler = _warmup_linear(optimizer, cfg.warmup_ratio, cfg.epochs * steps_per_epoch)
-
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker group or a resumed trial continues where it stopped
-        with checkpoint.as_directory() as d:
-            payload = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict(payload["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = state["epoch"] + 1
+    start_epoch = restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
 
     model = ray.train.torch.prepare_model(model)
     autocast = _autocast(device, cfg.bf16)
@@ -80,11 +72,24 @@ def train_loop_per_worker(config: dict) -> None:
             local_shuffle_buffer_size=min(SHUFFLE_BUFFER, max(train_rows // world, 1)),
             local_shuffle_seed=cfg.seed + epoch,
         )
-        train_loss, seen = train_one_epoch(model, batches, optimizer, scheduler, prep, cfg, weights, autocast)
+        train_loss, seen = train_one_epoch(
+            model,
+            batches,
+            optimizer,
+            scheduler,
+            prep,
+            augment=cfg.augment,
+            label_smoothing=cfg.label_smoothing,
+            max_grad_norm=cfg.max_grad_norm,
+            weights=weights,
+            autocast=autocast,
+        )
         train_seconds = time.perf_counter() - t0
         if rank == 0:  # the whole validation set, once; the sums below add zeros from other ranks
             unwrapped = getattr(model, "module", model)
-            val_loss, val_cm = evaluate(unwrapped, val_data.iter_torch_batches(batch_size=256, device=device), prep, len(labels), autocast)
+            val_loss, val_cm = evaluate(
+                unwrapped, val_data.iter_torch_batches(batch_size=256, device=device), prep, len(labels), autocast
+            )
         else:
             val_loss, val_cm = 0.0, np.zeros((len(labels), len(labels)), np.int64)
 
@@ -92,51 +97,96 @@ def train_loop_per_worker(config: dict) -> None:
         train_loss, seen, val_loss = totals[:3]
         val_cm = totals[3:].round().astype(np.int64).reshape(len(labels), len(labels))
         report = classification_report(val_cm, labels)
-        epoch_seconds = time.perf_counter() - t0
         metrics = {
             "epoch": epoch + 1,
             "train_loss": float(train_loss / max(seen, 1)),
             "val_loss": float(val_loss / max(val_cm.sum(), 1)),
             METRIC: report["accuracy"],
             "val_macro_f1": report["macro_f1"],
-            "epoch_seconds": epoch_seconds,
+            "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
             "images_per_second": float(seen / train_seconds),
         }
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(os.path.join(tmp, MODEL_FILE), model, prep, config["train_config"], {"val": report, **metrics})
-                torch.save(
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch},
-                    os.path.join(tmp, STATE_FILE),
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-                print(
-                    f"epoch {epoch + 1}/{cfg.epochs}: train_loss {metrics['train_loss']:.4f} "
-                    f"val_loss {metrics['val_loss']:.4f} val_acc {metrics[METRIC]:.4f} "
-                    f"val_macro_f1 {metrics['val_macro_f1']:.4f} {metrics['images_per_second']:.0f} img/s",
-                    flush=True,
-                )
-            ray.train.report(metrics, checkpoint=ckpt)
+        save_and_report(
+            metrics, report, epoch, model, optimizer, scheduler, prep, config["train_config"], rank, cfg.epochs
+        )
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, prep: Preprocessing, cfg: TrainConfig, weights, autocast):
+def restore(checkpoint, model, optimizer, scheduler) -> int:
+    """Load a Train checkpoint's weights and optimizer/scheduler state into place; the
+    epoch to start from (0 without a checkpoint). A restarted worker group or a resumed
+    trial so continues where it stopped."""
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as d:
+        saved = read_checkpoint(os.path.join(d, MODEL_FILE))
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(saved.state_dict)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["epoch"] + 1
+
+
+def save_and_report(
+    metrics: dict,
+    val_report: dict,
+    epoch: int,
+    model,
+    optimizer,
+    scheduler,
+    prep,
+    train_config: dict,
+    rank: int,
+    epochs: int,
+) -> None:
+    """Report the epoch's metrics from every worker (Ray Train expects all to report),
+    with a checkpoint from rank 0: the model as vit_model.pth and the state to resume."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(os.path.join(tmp, MODEL_FILE), model, prep, train_config, {"val": val_report, **metrics})
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            print(
+                f"epoch {epoch + 1}/{epochs}: train_loss {metrics['train_loss']:.4f} "
+                f"val_loss {metrics['val_loss']:.4f} val_acc {metrics[METRIC]:.4f} "
+                f"val_macro_f1 {metrics['val_macro_f1']:.4f} {metrics['images_per_second']:.0f} img/s",
+                flush=True,
+            )
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_one_epoch(
+    model,
+    batches,
+    optimizer,
+    scheduler,
+    prep: Preprocessing,
+    *,
+    augment: str,
+    label_smoothing: float,
+    max_grad_norm: float,
+    weights,
+    autocast,
+):
     """One pass over `batches`; returns (summed loss, images seen). `weights`: per-class
-    cross-entropy weights, or None."""
+    cross-entropy weights, or None; `max_grad_norm` 0: no clipping."""
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
     seen = 0
     for batch in batches:
-        x = preprocess(batch["image"], prep, augment=cfg.augment)
+        x = preprocess(batch["image"], prep, augment=augment)
         y = batch["label"]
         with autocast():
             logits = model(pixel_values=x).logits
-        loss = _loss(logits.float(), y, weights, cfg.label_smoothing)
+        loss = _loss(logits.float(), y, weights, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         scheduler.step()
         # Accumulate on the device: .item() per step would stall a GPU every batch.

@@ -39,7 +39,7 @@ class Preprocessing:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
+    def from_dict(cls, d: dict) -> Preprocessing:
         return cls(
             image_size=int(d["image_size"]),
             source_size=tuple(int(v) for v in d["source_size"]),
@@ -99,24 +99,35 @@ def _short_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}"[:200]
 
 
+def decode_images(items, source_size: tuple[int, int], read=None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode many images, one failure never stopping the rest: the one place that does.
+
+    items: image bytes, or with `read` (e.g. files.read_bytes) whatever it takes.
+    Returns (uint8 (N, H, W, 3) with zeros where a file failed, str (N,) error reasons,
+    "" where it decoded).
+    """
+    h, w = source_size
+    images = np.zeros((len(items), h, w, 3), np.uint8)
+    errors = np.full(len(items), "", dtype=object)
+    for i, item in enumerate(items):
+        try:
+            images[i] = decode_image(read(item) if read else item, source_size)
+        except ValueError as e:
+            errors[i] = str(e)
+        except OSError as e:  # unreadable: permissions, vanished, I/O error
+            errors[i] = f"unreadable: {e.strerror or type(e).__name__}"
+    return images, errors
+
+
 def decode_batch(batch: dict[str, np.ndarray], source_size: tuple[int, int]) -> dict[str, np.ndarray]:
     """Ray Data batch function for labelled training data: column `image` bytes -> uint8 array.
 
     Rows whose bytes do not decode are dropped (the caller counts them): one corrupt
     file should not end a training run.
     """
-    images, labels = [], []
-    for data, label in zip(batch["image"], batch["label"]):
-        try:
-            images.append(decode_image(data, source_size))
-        except ValueError:
-            continue
-        labels.append(label)
-    h, w = source_size
-    return {
-        "image": np.stack(images) if images else np.zeros((0, h, w, 3), np.uint8),
-        "label": np.asarray(labels, dtype=np.int64),
-    }
+    images, errors = decode_images(batch["image"], source_size)
+    ok = errors == ""
+    return {"image": images[ok], "label": np.asarray(batch["label"], dtype=np.int64)[ok]}
 
 
 def preprocess(
@@ -157,7 +168,7 @@ def random_resized_crop(x: torch.Tensor, size: int, generator: torch.Generator |
     the image at an aspect change within CROP_RATIO, resampled to size x size. One
     affine grid_sample for the whole batch, on the batch's device."""
     b, dev = x.shape[0], x.device
-    rand = lambda: torch.rand(b, device=dev, generator=generator)  # noqa: E731
+    rand = lambda: torch.rand(b, device=dev, generator=generator)
     area = CROP_AREA[0] + (CROP_AREA[1] - CROP_AREA[0]) * rand()
     log_lo, log_hi = torch.log(torch.tensor(CROP_RATIO))
     ratio = torch.exp(log_lo + (log_hi - log_lo) * rand())

@@ -4,7 +4,9 @@ trials is scored once on the test split and exported as `vit_model.pth`.
 
 Shaped like Ray's Train-in-Tune guide: Tune drives a function trainable
 (`train_driver_fn`) that builds the TorchTrainer and forwards its reports to Tune
-through `TuneReportCallback`.
+through `TuneReportCallback`. `run` reads as its phases: name the experiment, prepare
+the data, start Ray, size the workers to the cluster, tune, pick the best checkpoint,
+export and summarise.
 """
 
 from __future__ import annotations
@@ -17,20 +19,27 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from fashion_vit.config import METRIC, ConfigError, TrainConfig
-from fashion_vit.data import DataError, class_counts, infer_source_size, load_data, stratified_split, to_ray_datasets
-from fashion_vit.files import atomic_open
-from fashion_vit.metrics import classification_report, confusion_matrix, format_report
-from fashion_vit.model import ModelError, atomic_torch_save, create_model, read_checkpoint
+from fashion_vit.cluster import Node, cluster_nodes, describe, placeable, start_ray
+from fashion_vit.config import HYPERPARAMETERS, METRIC, ConfigError, TrainConfig
+from fashion_vit.data import (
+    DataError,
+    LoadedData,
+    class_counts,
+    infer_source_size,
+    load_data,
+    stratified_split,
+    to_ray_datasets,
+)
+from fashion_vit.evaluate import score_test_split
+from fashion_vit.files import absolute, atomic_open, join, subfolders
+from fashion_vit.metrics import format_report
+from fashion_vit.model import ModelError, SavedModel, create_model, read_checkpoint
 from fashion_vit.report import plot_learning_curves, write_model_card
 from fashion_vit.train import MODEL_FILE, train_loop_per_worker
 from fashion_vit.transforms import Preprocessing
 
-# Hyperparameters a trial may vary; the rest of TrainConfig is fixed for the experiment.
-HYPERPARAMETERS = (
-    "lr", "batch_size", "weight_decay", "warmup_ratio", "label_smoothing", "augment", "class_weights", "image_size",
-)
 CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to a result that has a checkpoint
+EXPERIMENT_PREFIX = "fashion-vit-"
 
 
 @dataclass
@@ -40,6 +49,177 @@ class TuneOutcome:
     best: dict  # the best trial: config, validation metrics, test report
     trials: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        best = self.best
+        return (
+            f"best trial {best['trial_id']} (epoch {best['epoch']}): val_accuracy {best['val'][METRIC]:.4f}, "
+            f"test accuracy {best['test']['accuracy']:.4f}, test macro-F1 {best['test']['macro_f1']:.4f}\n"
+            f"model: {self.model_path}\nsummary: {self.summary_path}\n"
+            "time: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in self.timings.items())
+        )
+
+
+@dataclass
+class Prepared:
+    """The data and preprocessing every trial shares, settled on the driver before Ray."""
+
+    data: LoadedData
+    splits: dict[str, np.ndarray]  # split name -> row indices into data.frame
+    split_counts: dict[str, list[int]]  # split name -> images per class
+    prep: Preprocessing  # decoding size and normalisation; image_size is the baseline's
+    init: SavedModel | None  # --init-from
+
+
+def run(cfg: TrainConfig, log=print) -> TuneOutcome:
+    """The whole `jobs/tune.py`: load and split data, tune, export the best model."""
+    timings = {}
+    storage = absolute(cfg.storage or os.path.join(cfg.output_dir, "experiments"))
+    cfg = replace(cfg, name=resolve_experiment(cfg, storage))
+    log(f"experiment {cfg.name} in {storage}" + (" (resuming)" if cfg.resume else ""))
+
+    t = time.perf_counter()
+    prepared = prepare(cfg, log)
+    timings["data_load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    start_ray(cfg.address)
+    timings["ray_start_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    datasets, undecodable = to_ray_datasets(prepared.data.frame, prepared.splits, prepared.prep.source_size)
+    if undecodable:
+        log(f"{undecodable} images skipped: they did not decode")
+    test_ds = datasets.pop("test")
+    timings["decode_s"] = time.perf_counter() - t
+
+    cfg = size_workers(cfg, cluster_nodes())
+    t = time.perf_counter()
+    results = build_tuner(cfg, prepared, datasets, storage).fit()
+    timings["tune_s"] = time.perf_counter() - t
+    trials = [_trial_summary(r) for r in results]
+
+    t = time.perf_counter()
+    best_trial, best_row, saved = pick_best(trials, _read_remote_checkpoint)
+    saved.metrics["test"] = score_test_split(saved, test_ds)
+    model_path = os.path.join(cfg.output_dir, "vit_model.pth")
+    saved.save(model_path)
+    timings["test_and_export_s"] = time.perf_counter() - t
+
+    best = {
+        "trial_id": best_trial["trial_id"],
+        "epoch": best_row["epoch"],
+        "config": best_trial["config"],
+        "val": {k: best_row[k] for k in (METRIC, "val_macro_f1", "val_loss")},
+        "test": saved.metrics["test"],
+        "checkpoint": best_row[CHECKPOINT_PATH],
+    }
+    summary_path = write_summary(cfg, prepared, undecodable, saved, best, trials, timings, join(storage, cfg.name))
+    log(format_report(best["test"]))
+    return TuneOutcome(model_path=model_path, summary_path=summary_path, best=best, trials=trials, timings=timings)
+
+
+# --- experiment naming -------------------------------------------------------------
+
+
+def resolve_experiment(cfg: TrainConfig, storage: str) -> str:
+    """The experiment's name: a new timestamped one, or with --resume the one to continue.
+
+    Never silently mixes a new run into an existing experiment of the same name."""
+    from ray import tune
+
+    def exists(name: str) -> bool:
+        return tune.Tuner.can_restore(join(storage, name))
+
+    if cfg.resume:
+        # The latest experiment; names sort by time. Train runs live beside it under the same prefix.
+        ours = [n for n in subfolders(storage) if n.startswith(EXPERIMENT_PREFIX)]
+        names = [cfg.name] if cfg.name else [n for n in ours if exists(n)][-1:]
+        if not names or not exists(names[0]):
+            what = f"experiment {cfg.name!r}" if cfg.name else "experiment"
+            raise ConfigError(f"--resume: no {what} to continue under {storage}")
+        return names[0]
+    name = cfg.name or EXPERIMENT_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if exists(name):
+        raise ConfigError(
+            f"experiment {name!r} already exists under {storage}: pass --resume to continue it, or another --name"
+        )
+    return name
+
+
+# --- data ----------------------------------------------------------------------------
+
+
+def prepare(cfg: TrainConfig, log=print) -> Prepared:
+    """Load and split the data, check the model can be had (and get its mean/std), and
+    settle the size images are decoded at: the largest input size any trial may use."""
+    data = load_data(cfg)
+    labels = data.frame["label"].to_numpy()
+    splits = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    log(data.summary())
+    log("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    if len(splits["val"]) == 0 or len(splits["test"]) == 0:
+        raise DataError("too few rows to hold out validation and test images; use more data")
+    init = read_checkpoint(cfg.init_from) if cfg.init_from else None
+    _, (mean, std) = create_model(cfg, data.labels, init)
+    sizes = [cfg.image_size, *(cfg.search_image_sizes or ())] if cfg.search != "none" else [cfg.image_size]
+    source_size = infer_source_size(data.frame["image"], max(sizes))
+    return Prepared(
+        data=data,
+        splits=splits,
+        split_counts={k: class_counts(labels[v], len(data.labels)) for k, v in splits.items()},
+        prep=Preprocessing(image_size=cfg.image_size, source_size=source_size, mean=tuple(mean), std=tuple(std)),
+        init=init,
+    )
+
+
+def size_workers(cfg: TrainConfig, nodes: list[Node]) -> TrainConfig:
+    """Settle use_gpu and cpus_per_worker so that a trial's workers fit on the nodes that
+    exist, or fail at once with one line saying what was asked and what the nodes have
+    (a request no node can hold would otherwise wait forever).
+
+    GPU workers take one GPU and one CPU each. CPU workers without --cpus-per-worker get
+    the cluster's CPUs shared among the trials, but never more than one node holds, and
+    few enough that all of a trial's workers can be placed."""
+    total_gpus = sum(n.gpus for n in nodes)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else total_gpus > 0
+    have = describe(nodes)
+    if use_gpu:
+        if total_gpus == 0:
+            raise ConfigError(f"--gpu asks for {cfg.num_workers} GPU worker(s), but the cluster has no GPUs ({have})")
+        if placeable(nodes, cpus=1, gpus=1) < cfg.num_workers:
+            raise ConfigError(
+                f"--num-workers {cfg.num_workers} with one GPU each cannot be placed: {total_gpus} GPU(s) in all ({have})"
+            )
+        return replace(cfg, use_gpu=True, cpus_per_worker=1)
+
+    largest = max((n.cpus for n in nodes), default=0)
+    if cfg.cpus_per_worker is not None:
+        cpus = cfg.cpus_per_worker
+        if placeable(nodes, cpus=cpus) < cfg.num_workers:
+            raise ConfigError(
+                f"--num-workers {cfg.num_workers} x --cpus-per-worker {cpus} cannot be placed: "
+                f"the largest node has {largest} CPU(s) ({have})"
+            )
+        return replace(cfg, use_gpu=False, cpus_per_worker=cpus)
+    trials = 1 + (cfg.num_samples if cfg.search != "none" else 0)
+    share = sum(n.cpus for n in nodes) // (cfg.num_workers * trials)
+    for cpus in range(max(1, min(share, largest)), 0, -1):
+        if placeable(nodes, cpus=cpus) >= cfg.num_workers:
+            return replace(cfg, use_gpu=False, cpus_per_worker=cpus)
+    raise ConfigError(f"--num-workers {cfg.num_workers} CPU workers cannot be placed: the cluster has {have}")
+
+
+def trials_that_fit(cfg: TrainConfig, nodes: list[Node]) -> int:
+    """How many trials' worker groups the nodes hold at once. Tune cannot see the
+    resources a trial's TorchTrainer will ask for, and a trial started without room for
+    its workers would wait for them and time out."""
+    if cfg.use_gpu:
+        return max(1, placeable(nodes, cpus=1, gpus=1) // cfg.num_workers)
+    return max(1, placeable(nodes, cpus=cfg.cpus_per_worker) // cfg.num_workers)
+
+
+# --- tuning ------------------------------------------------------------------------------
 
 
 def search_space(cfg: TrainConfig) -> dict:
@@ -78,18 +258,6 @@ def baseline(cfg: TrainConfig) -> dict:
     return {k: getattr(cfg, k) for k in HYPERPARAMETERS}
 
 
-def trials_that_fit(cfg: TrainConfig, use_gpu: bool) -> int:
-    """How many trials' worker groups the cluster holds at once. Tune cannot see the
-    resources a trial's TorchTrainer will ask for, and a trial started without room for
-    its workers would wait for them and time out."""
-    import ray
-
-    resources = ray.cluster_resources()
-    if use_gpu:
-        return max(1, int(resources.get("GPU", 0) // cfg.num_workers))
-    return max(1, int(resources.get("CPU", 1) // (cfg.num_workers * cfg.cpus_per_worker)))
-
-
 def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
     """One Tune trial: a TorchTrainer over the trial's hyperparameters."""
     import ray.train
@@ -105,8 +273,8 @@ def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
         train_loop_config={**setup, "train_config": asdict(trial_cfg)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers,
-            use_gpu=setup["use_gpu"],
-            resources_per_worker=None if setup["use_gpu"] else {"CPU": cfg.cpus_per_worker},
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker},
         ),
         datasets=datasets,
         # Only training data is sharded: an equal split drops up to N-1 rows, which is
@@ -127,204 +295,103 @@ def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
     trainer.fit()
 
 
-EXPERIMENT_PREFIX = "fashion-vit-"
-
-
-def resolve_experiment(cfg: TrainConfig, storage: str) -> str:
-    """The experiment's name: a new timestamped one, or with --resume the one to continue.
-
-    Never silently mixes a new run into an existing experiment of the same name."""
-    from ray import tune
-
-    def exists(name: str) -> bool:
-        return tune.Tuner.can_restore(_join(storage, name))
-
-    if cfg.resume:
-        # The latest experiment; Train runs live beside it under the same prefix.
-        names = [cfg.name] if cfg.name else [n for n in _experiments(storage) if exists(n)][-1:]
-        if not names or not exists(names[0]):
-            what = f"experiment {cfg.name!r}" if cfg.name else "experiment"
-            raise ConfigError(f"--resume: no {what} to continue under {storage}")
-        return names[0]
-    name = cfg.name or EXPERIMENT_PREFIX + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    if exists(name):
-        raise ConfigError(f"experiment {name!r} already exists under {storage}: pass --resume to continue it, or another --name")
-    return name
-
-
-def _experiments(storage: str) -> list[str]:
-    """Names of this project's experiments under storage, oldest first (names sort by time)."""
-    import pyarrow.fs as pafs
-
-    fs, base = pafs.FileSystem.from_uri(storage if "://" in storage else os.path.abspath(storage))
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except OSError:
-        return []
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(EXPERIMENT_PREFIX))
-
-
-def _join(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}" if "://" in storage else os.path.join(storage, name)
-
-
-def run(cfg: TrainConfig, log=print) -> TuneOutcome:
-    """The whole `jobs/tune.py`: load and split data, tune, export the best model."""
-    timings = {}
-    storage = cfg.storage if cfg.storage and "://" in cfg.storage else os.path.abspath(cfg.storage or os.path.join(cfg.output_dir, "experiments"))
-    cfg = replace(cfg, name=resolve_experiment(cfg, storage))
-    log(f"experiment {cfg.name} in {storage}" + (" (resuming)" if cfg.resume else ""))
-    t = time.perf_counter()
-    data = load_data(cfg)
-    splits = stratified_split(data.frame["label"].to_numpy(), cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    log(data.summary())
-    log("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    split_counts = {k: class_counts(data.frame["label"].to_numpy()[v], len(data.labels)) for k, v in splits.items()}
-    if len(splits["val"]) == 0 or len(splits["test"]) == 0:
-        raise DataError("too few rows to hold out validation and test images; use more data")
-    # Check the model can be had before any trial starts (and get its mean/std).
-    init_payload = read_checkpoint(cfg.init_from) if cfg.init_from else None
-    _, (mean, std) = create_model(cfg, data.labels, init_payload)
-    # Decoded once for every trial: at the largest input size any trial may use.
-    sizes = [cfg.image_size, *(cfg.search_image_sizes or ())] if cfg.search == "asha" else [cfg.image_size]
-    source_size = infer_source_size(data.frame["image"], max(sizes))
-    prep = Preprocessing(image_size=cfg.image_size, source_size=source_size, mean=tuple(mean), std=tuple(std))
-    timings["data_load_s"] = time.perf_counter() - t
-
+def build_tuner(cfg: TrainConfig, prepared: Prepared, datasets: dict, storage: str):
+    """The Tuner over `train_driver_fn`: the baseline first, then the search's trials;
+    or, with --resume, the interrupted experiment restored."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    t = time.perf_counter()
-    ray.init(address=cfg.address, ignore_reinit_error=True, log_to_driver=True)
-    timings["ray_start_s"] = time.perf_counter() - t
-    # Per-shard progress bars from every worker, every epoch, drown the epoch lines.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    t = time.perf_counter()
-    datasets, undecodable = to_ray_datasets(data.frame, splits, source_size)
-    if undecodable:
-        log(f"{undecodable} images skipped: they did not decode")
-    test_ds = datasets.pop("test")
-    timings["decode_s"] = time.perf_counter() - t
-
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    if cfg.cpus_per_worker is None:
-        # One baseline trial gets the whole machine; a search shares it among its trials.
-        trials = 1 + (cfg.num_samples if cfg.search == "asha" else 0)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        cfg = replace(cfg, cpus_per_worker=1 if use_gpu else max(1, cpus // (cfg.num_workers * trials)))
     setup = {
         "train_config": asdict(cfg),
-        "labels": data.labels,
-        "preprocessing": prep.to_dict(),
+        "labels": prepared.data.labels,
+        "preprocessing": prepared.prep.to_dict(),
         "train_rows": datasets["train"].count(),
-        "class_counts": split_counts["train"],  # for --class-weights
-        "use_gpu": use_gpu,
+        "class_counts": prepared.split_counts["train"],  # for --class-weights
         "storage": storage,
         # One copy in the object store; workers need not see the driver's disk.
-        "init_payload": ray.put(init_payload) if init_payload is not None else None,
+        "init": ray.put(prepared.init) if prepared.init is not None else None,
     }
-    searching = cfg.search == "asha"
-    concurrency = cfg.max_concurrent_trials or trials_that_fit(cfg, use_gpu)
+    trainable = tune.with_parameters(train_driver_fn, setup=setup, datasets=datasets)
+    # The trial function only waits on its TorchTrainer; its workers hold the CPUs/GPUs.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 256 * 1024**2})
+    searching = cfg.search != "none"
+    param_space = search_space(cfg) if searching else baseline(cfg)
+    if cfg.resume:
+        # Finished trials stay finished; unfinished ones restart, and their TorchTrainer
+        # (same run name and storage) continues from its latest checkpoint.
+        return tune.Tuner.restore(
+            join(storage, cfg.name), trainable, resume_unfinished=True, restart_errored=True, param_space=param_space
+        )
+    concurrency = cfg.max_concurrent_trials or trials_that_fit(cfg, cluster_nodes())
     tune_config = tune.TuneConfig(
         metric=METRIC,
         mode="max",
         # The baseline is always the first trial; --search adds num_samples sampled ones.
         # (A search_alg passed in ignores TuneConfig.max_concurrent_trials: set it here.)
-        search_alg=BasicVariantGenerator(points_to_evaluate=[baseline(cfg)], max_concurrent=concurrency, random_state=cfg.seed),
+        search_alg=BasicVariantGenerator(
+            points_to_evaluate=[baseline(cfg)], max_concurrent=concurrency, random_state=cfg.seed
+        ),
         num_samples=1 + (cfg.num_samples if searching else 0),
         scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=1, reduction_factor=2)
         if searching
         else None,
     )
-    trainable = tune.with_parameters(train_driver_fn, setup=setup, datasets=datasets)
-    # The trial function only waits on its TorchTrainer; its workers hold the CPUs/GPUs.
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 256 * 1024**2})
-    param_space = search_space(cfg) if searching else baseline(cfg)
-    if cfg.resume:
-        # Finished trials stay finished; unfinished ones restart, and their TorchTrainer
-        # (same run name and storage) continues from its latest checkpoint.
-        tuner = tune.Tuner.restore(
-            _join(storage, cfg.name), trainable, resume_unfinished=True, restart_errored=True, param_space=param_space
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune_config,
-            run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1),
-        )
-    t = time.perf_counter()
-    results = tuner.fit()
-    timings["tune_s"] = time.perf_counter() - t
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1),
+    )
 
-    trials = [_trial_summary(r) for r in results]
+
+# --- the best checkpoint ------------------------------------------------------------------
+
+
+def pick_best(trials: list[dict], read) -> tuple[dict, dict, SavedModel]:
+    """(trial, epoch row, saved model) of the best reported checkpoint over all trials:
+    highest validation accuracy, then lowest validation loss. A tied epoch may have lost
+    its checkpoint to num_to_keep, so `read(path)` returning None falls through to the
+    next candidate."""
     candidates = [(trial, row) for trial in trials for row in trial["history"] if row.get(CHECKPOINT_PATH)]
     if not candidates:
-        errors = "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"]) or "no checkpoint was reported"
+        errors = (
+            "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"]) or "no checkpoint was reported"
+        )
         raise RuntimeError(f"no trial produced a checkpoint ({errors})")
-    # Best validation accuracy, then lowest validation loss. A tied epoch may have lost its
-    # checkpoint to num_to_keep, so fall through to the next candidate if it is gone.
-    candidates.sort(key=lambda c: (c[1][METRIC], -c[1]["val_loss"]), reverse=True)
-    t = time.perf_counter()
-    for best_trial, best_row in candidates:
-        payload = _read_remote_checkpoint(best_row[CHECKPOINT_PATH])
-        if payload is not None:
-            break
-    else:
-        raise RuntimeError("the best checkpoints were reported but none can be read back from storage")
-    test_report = score_test_split(payload, test_ds, data.labels)
-    payload["metrics"]["test"] = test_report
-    model_path = os.path.join(cfg.output_dir, "vit_model.pth")
-    atomic_torch_save(payload, model_path)
-    timings["test_and_export_s"] = time.perf_counter() - t
-
-    best = {
-        "trial_id": best_trial["trial_id"],
-        "epoch": best_row["epoch"],
-        "config": best_trial["config"],
-        "val": {k: best_row[k] for k in (METRIC, "val_macro_f1", "val_loss")},
-        "test": test_report,
-        "checkpoint": best_row[CHECKPOINT_PATH],
-    }
-    summary = {
-        "data": {
-            "source": data.source,
-            "labels": data.labels,
-            "dropped": data.dropped,
-            "repaired_lines": data.repaired,
-            "undecodable": undecodable,
-            "split_sizes": {k: int(len(v)) for k, v in splits.items()},
-            "class_counts": split_counts,
-        },
-        "preprocessing": payload["preprocessing"],  # the best trial's (its input size may be searched)
-        "train_config": asdict(cfg),
-        "experiment": _join(storage, cfg.name),
-        "best": best,
-        "trials": [{k: v for k, v in t.items()} for t in trials],
-        "timings": timings,
-    }
-    summary_path = os.path.join(cfg.output_dir, "summary.json")
-    with atomic_open(summary_path) as f:
-        json.dump(summary, f, indent=2, default=_json_default)
-    plot_learning_curves(trials, best["trial_id"], os.path.join(cfg.output_dir, "learning_curves.png"))
-    write_model_card(os.path.join(cfg.output_dir, "report.md"), summary, "learning_curves.png")
-    log(format_report(test_report))
-    return TuneOutcome(model_path=model_path, summary_path=summary_path, best=best, trials=trials, timings=timings)
+    # sorted() is stable: among exact ties, the earlier trial and epoch win.
+    for trial, row in sorted(candidates, key=lambda c: (-c[1][METRIC], c[1]["val_loss"])):
+        saved = read(row[CHECKPOINT_PATH])
+        if saved is not None:
+            return trial, row, saved
+    raise RuntimeError("the best checkpoints were reported but none can be read back from storage")
 
 
-def score_test_split(payload: dict, test_ds, labels: list[str]) -> dict:
-    """Test metrics of one checkpoint, computed once, with the batch-inference predictor."""
-    from fashion_vit.predict import predict_labelled
+def _read_remote_checkpoint(path: str) -> SavedModel | None:
+    """vit_model.pth out of a Train checkpoint wherever storage put it (local, NFS,
+    s3://); None if that checkpoint no longer exists."""
+    import ray.train
 
-    y_true, y_pred = predict_labelled(payload, test_ds)
-    return classification_report(confusion_matrix(y_true, y_pred, len(labels)), labels)
+    try:
+        with ray.train.Checkpoint(path).as_directory() as d:
+            return read_checkpoint(os.path.join(d, MODEL_FILE))
+    except (FileNotFoundError, ModelError):
+        return None
 
 
 def _trial_summary(result) -> dict:
     df = result.metrics_dataframe
-    keep = ["epoch", "train_loss", "val_loss", METRIC, "val_macro_f1", "epoch_seconds", "images_per_second", CHECKPOINT_PATH]
+    keep = [
+        "epoch",
+        "train_loss",
+        "val_loss",
+        METRIC,
+        "val_macro_f1",
+        "epoch_seconds",
+        "images_per_second",
+        CHECKPOINT_PATH,
+    ]
     history = [] if df is None or df.empty else df[[c for c in keep if c in df.columns]].to_dict("records")
     history = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))} for row in history]
     config = {k: result.config[k] for k in HYPERPARAMETERS if k in result.config}
@@ -338,21 +405,42 @@ def _trial_summary(result) -> dict:
     }
 
 
-def _read_remote_checkpoint(path: str) -> dict:
-    """Read vit_model.pth out of a Train checkpoint wherever storage put it (local, NFS,
-    s3://); None if that checkpoint no longer exists."""
-    import ray.train
+# --- summary ---------------------------------------------------------------------------------
 
-    try:
-        with ray.train.Checkpoint(path).as_directory() as d:
-            return read_checkpoint(os.path.join(d, MODEL_FILE))
-    except (FileNotFoundError, ModelError):
-        return None
+
+def write_summary(
+    cfg, prepared: Prepared, undecodable: int, saved: SavedModel, best: dict, trials, timings, experiment
+) -> str:
+    """summary.json, the learning curves and the model card beside vit_model.pth."""
+    data = prepared.data
+    summary = {
+        "data": {
+            "source": data.source,
+            "labels": data.labels,
+            "dropped": data.dropped,
+            "repaired_lines": data.repaired,
+            "undecodable": undecodable,
+            "split_sizes": {k: len(v) for k, v in prepared.splits.items()},
+            "class_counts": prepared.split_counts,
+        },
+        "preprocessing": saved.preprocessing.to_dict(),  # the best trial's (its input size may be searched)
+        "train_config": asdict(cfg),
+        "experiment": experiment,
+        "best": best,
+        "trials": trials,
+        "timings": timings,
+    }
+    path = os.path.join(cfg.output_dir, "summary.json")
+    with atomic_open(path) as f:
+        json.dump(summary, f, indent=2, default=_json_default)
+    plot_learning_curves(trials, best["trial_id"], os.path.join(cfg.output_dir, "learning_curves.png"))
+    write_model_card(os.path.join(cfg.output_dir, "report.md"), summary, "learning_curves.png")
+    return path
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
+    if isinstance(o, np.integer):
         return int(o)
-    if isinstance(o, (np.floating,)):
+    if isinstance(o, np.floating):
         return float(o)
     return str(o)

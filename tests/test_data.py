@@ -1,15 +1,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from fashion_vit.config import MASTER_CATEGORIES, ConfigError, TrainConfig
 from fashion_vit.data import DataError, load_data, read_styles_csv, stratified_sample, stratified_split
-from tests.conftest import ROOT
+from tests.conftest import run_script
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 
@@ -117,7 +115,7 @@ def test_stratified_sample_keeps_class_shares():
 )
 def test_invalid_flags_exit_2_with_one_line(flags, message, shared_data):
     argv = ["--data-dir", str(shared_data), *flags] if "--data-dir" not in flags else flags
-    proc = subprocess.run([sys.executable, "jobs/tune.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_script("jobs/tune.py", *argv, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -131,27 +129,21 @@ def test_config_validate_rejects_bad_values():
         TrainConfig(search="grid").validate()
 
 
-def _offline_env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME="/tmp/fashion-vit-empty-hf-home")
-    return env
+def _offline_env(home):
+    """The hub unreachable and its cache empty, whatever this machine has cached."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(home))
 
 
-def test_hub_dataset_offline_error_names_the_flag():
-    proc = subprocess.run(
-        [sys.executable, "jobs/tune.py", "--epochs", "1"],
-        cwd=ROOT, capture_output=True, text=True, env=_offline_env(), timeout=300,
-    )
+def test_hub_dataset_offline_error_names_the_flag(tmp_path):
+    proc = run_script("jobs/tune.py", "--epochs", "1", env=_offline_env(tmp_path))
     assert proc.returncode == 1
     assert "ashraq/fashion-product-images-small" in proc.stderr and "--data-dir" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_hub_model_offline_error_names_the_flags(shared_data):
-    proc = subprocess.run(
-        [sys.executable, "jobs/tune.py", "--data-dir", str(shared_data), "--limit", "50"],
-        cwd=ROOT, capture_output=True, text=True, env=_offline_env(), timeout=300,
-    )
+def test_hub_model_offline_error_names_the_flags(shared_data, tmp_path):
+    proc = run_script("jobs/tune.py", "--data-dir", str(shared_data), "--limit", "50", env=_offline_env(tmp_path))
     assert proc.returncode == 1
     assert "google/vit-base-patch16-224-in21k" in proc.stderr
     assert "--from-scratch" in proc.stderr and "--model DIR" in proc.stderr

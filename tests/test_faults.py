@@ -46,8 +46,14 @@ def run_and_kill(argv: list[str], log: Path, process: str, ready=lambda: True, s
     workers mid-run, and require the job to finish successfully anyway."""
     before = ray_pids(process)
     with open(log, "w") as f:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, RAY_ADDRESS="local"), start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, RAY_ADDRESS="local"),
+            start_new_session=True,
+        )
         try:
             wait_for(ready, proc, log)
             victims = wait_for(lambda: ray_pids(process, before), proc, log)
@@ -63,10 +69,21 @@ def run_and_kill(argv: list[str], log: Path, process: str, ready=lambda: True, s
 
 def test_a_killed_training_worker_resumes_from_its_checkpoint(samples, tmp_path):
     out = tmp_path / "results"
-    argv = [sys.executable, "jobs/tune.py", "--data-dir", str(samples["train"]), *TINY_ARGS,
-            "--epochs", "3", "--output-dir", str(out), "--name", "fashion-vit-faults"]
+    argv = [
+        sys.executable,
+        "jobs/tune.py",
+        "--data-dir",
+        str(samples["train"]),
+        *TINY_ARGS,
+        "--epochs",
+        "3",
+        "--output-dir",
+        str(out),
+        "--name",
+        "fashion-vit-faults",
+    ]
     # After the first epoch's checkpoint, kill the worker during the second epoch.
-    first_checkpoint = lambda: list((out / "experiments").glob("fashion-vit-faults-train-*/checkpoint_*"))  # noqa: E731
+    first_checkpoint = lambda: list((out / "experiments").glob("fashion-vit-faults-train-*/checkpoint_*"))
     run_and_kill(argv, tmp_path / "tune.log", "RayTrainWorker", ready=first_checkpoint)
     summary = json.loads((out / "summary.json").read_text())
     history = summary["trials"][0]["history"]
@@ -77,8 +94,20 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(samples, tmp_path)
 def test_a_killed_predictor_actor_loses_and_duplicates_no_row(trained, samples, tmp_path):
     out = tmp_path / "pred.csv"
     inputs = [str(samples["train"] / "images"), str(samples["holdout"] / "images")]
-    argv = [sys.executable, "jobs/batch_predict.py", "--input", inputs[0], "--input", inputs[1],
-            "--model", str(trained / "vit_model.pth"), "--output", str(out), "--batch-size", "1"]
+    argv = [
+        sys.executable,
+        "jobs/batch_predict.py",
+        "--input",
+        inputs[0],
+        "--input",
+        inputs[1],
+        "--model",
+        str(trained / "vit_model.pth"),
+        "--output",
+        str(out),
+        "--batch-size",
+        "1",
+    ]
     run_and_kill(argv, tmp_path / "predict.log", "MapWorker", settle=3)  # mid-run: some batches done, most not
     with open(out) as f:
         paths = [r["path"] for r in csv.DictReader(f)]

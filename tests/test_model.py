@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from fashion_vit.config import TrainConfig
-from fashion_vit.model import ModelError, create_model, load_checkpoint, model_from_payload, read_checkpoint, save_checkpoint
+from fashion_vit.model import ModelError, create_model, load_checkpoint, read_checkpoint, save_checkpoint
 from fashion_vit.transforms import Preprocessing
+from tests.conftest import Exploit
 
 LABELS = ["Apparel", "Accessories", "Footwear"]
 PREP = Preprocessing(image_size=32, source_size=(80, 60), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -21,10 +22,14 @@ def pretrained_dir(tmp_path_factory):
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=64, patch_size=16)
+    cfg = ViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=64, patch_size=16
+    )
     folder = tmp_path_factory.mktemp("tiny-vit")
     ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.9, 0.8, 0.7]}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.9, 0.8, 0.7]})
+    )
     return folder
 
 
@@ -33,7 +38,11 @@ def test_pretrained_folder_loads_its_weights_and_mean_std(pretrained_dir):
 
     model, (mean, std) = create_model(TrainConfig(model=str(pretrained_dir), image_size=64), LABELS)
     saved = load_file(pretrained_dir / "model.safetensors")
-    for key in ("embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings", "embeddings.cls_token"):
+    for key in (
+        "embeddings.patch_embeddings.projection.weight",
+        "embeddings.position_embeddings",
+        "embeddings.cls_token",
+    ):
         torch.testing.assert_close(model.state_dict()["vit." + key], saved[key])
     assert model.config.num_labels == 3 and model.config.id2label[2] == "Footwear"
     assert mean == (0.1, 0.2, 0.3) and std == (0.9, 0.8, 0.7)
@@ -61,26 +70,18 @@ def test_checkpoint_round_trip_is_weights_only_and_exact(tmp_path):
     raw = torch.load(path, weights_only=True)  # plain data: loads with the safe unpickler
     assert raw["id2label"] == {0: "Apparel", 1: "Accessories", 2: "Footwear"}
     assert raw["preprocessing"]["source_size"] == (80, 60) or list(raw["preprocessing"]["source_size"]) == [80, 60]
-    loaded, prep = model_from_payload(load_checkpoint(str(path)))
+    loaded, prep = load_checkpoint(str(path)).build()
     assert prep == PREP
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
-
-
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
-        pickle.dump({"format": "fashion-vit/1", "state_dict": _Exploit(marker)}, f)
-    with pytest.raises(ModelError, match="refused|not a fashion-vit checkpoint"):
+        pickle.dump({"format": "fashion-vit/1", "state_dict": Exploit(marker)}, f)
+    with pytest.raises(ModelError, match=r"refused|not a fashion-vit checkpoint"):
         read_checkpoint(str(path))
     assert not marker.exists()
 
@@ -94,3 +95,32 @@ def test_non_checkpoint_files_are_refused(tmp_path):
         read_checkpoint(str(tmp_path / "other.pth"))
     with pytest.raises(ModelError, match="does not exist"):
         read_checkpoint(str(tmp_path / "missing.pth"))
+
+
+def test_a_file_in_the_first_format_still_loads(tmp_path):
+    """vit_model.pth as the first release wrote it: a plain dict with these keys."""
+    model, _ = create_model(TrainConfig(from_scratch=True, vit_size="tiny", image_size=32), LABELS)
+    path = tmp_path / "old.pth"
+    torch.save(
+        {
+            "format": "fashion-vit/1",
+            "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
+            "vit_config": json.loads(model.config.to_json_string(use_diff=False)),
+            "id2label": {0: "Apparel", 1: "Accessories", 2: "Footwear"},
+            "preprocessing": {
+                "image_size": 32,
+                "source_size": (80, 60),
+                "mean": (0.5, 0.5, 0.5),
+                "std": (0.5, 0.5, 0.5),
+            },
+            "train_config": {"lr": 1e-3, "epochs": 2, "a_field_from_another_version": 1},
+            "metrics": {"val": {"accuracy": 0.5}},
+        },
+        path,
+    )
+    saved = read_checkpoint(str(path))
+    assert saved.labels == LABELS and saved.preprocessing == PREP and saved.metrics["val"]["accuracy"] == 0.5
+    assert saved.trained_with().lr == 1e-3  # unknown fields are left out, not an error
+    loaded, _ = saved.build()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(pixel_values=x).logits, model.eval()(pixel_values=x).logits)

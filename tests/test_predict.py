@@ -6,19 +6,16 @@ import csv
 import os
 import pickle
 import shutil
-import subprocess
-import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_vit.model import load_checkpoint, model_from_payload
+from fashion_vit.model import load_checkpoint
 from fashion_vit.predict import PredictError, _write_csv, list_images
 from fashion_vit.transforms import decode_image, preprocess
-from tests.conftest import ROOT
-
-pytestmark = pytest.mark.slow
+from tests.conftest import Exploit, run_script
 
 
 def read_csv(path):
@@ -55,12 +52,18 @@ def messy_tree(tmp_path, shared_data):
     return root, good, bad
 
 
+@pytest.mark.slow
 def test_every_image_named_file_gets_exactly_one_row(trained, messy_tree, tmp_path, ray_session):
     from jobs import batch_predict
 
     root, good, bad = messy_tree
     out = tmp_path / "out" / "pred.csv"
-    assert batch_predict.main(["--input", str(root), "--model", str(trained / "vit_model.pth"), "--output", str(out), "--top-k", "3"]) == 0
+    assert (
+        batch_predict.main(
+            ["--input", str(root), "--model", str(trained / "vit_model.pth"), "--output", str(out), "--top-k", "3"]
+        )
+        == 0
+    )
     rows = read_csv(out)
     assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
     assert len(rows) == len(good) + len(bad)
@@ -68,7 +71,9 @@ def test_every_image_named_file_gets_exactly_one_row(trained, messy_tree, tmp_pa
     for p in good:
         r = by_name[p.name]
         assert r["error"] == "" and r["predicted_category"] and 0 < float(r["confidence"]) <= 1
-        assert r["label_1"] == r["predicted_category"] and float(r["prob_1"]) >= float(r["prob_2"]) >= float(r["prob_3"])
+        assert r["label_1"] == r["predicted_category"] and float(r["prob_1"]) >= float(r["prob_2"]) >= float(
+            r["prob_3"]
+        )
     for name, reason in bad.items():
         r = by_name[name]
         assert reason in r["error"] and r["predicted_category"] == "" and r["confidence"] == ""
@@ -76,35 +81,47 @@ def test_every_image_named_file_gets_exactly_one_row(trained, messy_tree, tmp_pa
     assert not [p for p in os.listdir(out.parent) if p != "pred.csv"]  # no temp files left
 
 
+@pytest.mark.slow
 def test_ray_path_equals_a_direct_forward_pass(trained, samples, tmp_path, ray_session):
     from jobs import batch_predict
 
     model_path = trained / "vit_model.pth"
     folder = samples["holdout"] / "images"
     out = tmp_path / "pred.csv"
-    assert batch_predict.main(["--input", str(folder), "--model", str(model_path), "--output", str(out), "--batch-size", "16"]) == 0
+    assert (
+        batch_predict.main(
+            ["--input", str(folder), "--model", str(model_path), "--output", str(out), "--batch-size", "16"]
+        )
+        == 0
+    )
     rows = read_csv(out)
 
     import torch
 
-    payload = load_checkpoint(str(model_path))
-    model, prep = model_from_payload(payload)
+    saved = load_checkpoint(str(model_path))
+    model, prep = saved.build()
     paths = sorted(str(p) for p in folder.iterdir())
     assert [r["path"] for r in rows] == paths
     with torch.no_grad():
-        x = torch.from_numpy(np.stack([decode_image(open(p, "rb").read(), prep.source_size) for p in paths]))
+        x = torch.from_numpy(np.stack([decode_image(Path(p).read_bytes(), prep.source_size) for p in paths]))
         probs = model(pixel_values=preprocess(x, prep)).logits.softmax(1)
     conf, idx = probs.max(1)
-    for r, c, i in zip(rows, conf.tolist(), idx.tolist()):
-        assert r["predicted_category"] == payload["id2label"][i]
+    for r, c, i in zip(rows, conf.tolist(), idx.tolist(), strict=False):
+        assert r["predicted_category"] == saved.labels[i]
         assert float(r["confidence"]) == pytest.approx(c, abs=2e-6)
 
 
+@pytest.mark.slow
 def test_predictions_on_unseen_real_images_beat_the_majority_class(trained, samples, tmp_path, ray_session):
     from jobs import batch_predict
 
     out = tmp_path / "pred.csv"
-    assert batch_predict.main(["--input", str(samples["holdout"]), "--model", str(trained / "vit_model.pth"), "--output", str(out)]) == 0
+    assert (
+        batch_predict.main(
+            ["--input", str(samples["holdout"]), "--model", str(trained / "vit_model.pth"), "--output", str(out)]
+        )
+        == 0
+    )
     truth = {r[0]: r[2] for r in samples["holdout_rows"]}
     rows = read_csv(out)
     assert len(rows) == len(truth)
@@ -113,29 +130,22 @@ def test_predictions_on_unseen_real_images_beat_the_majority_class(trained, samp
     assert correct / len(rows) > majority / len(rows) + 0.1, (correct, majority, len(rows))
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "jobs/batch_predict.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+def run_cli(*args):
+    return run_script("jobs/batch_predict.py", *args)
 
 
 def test_malicious_model_file_is_refused(tmp_path, messy_tree):
     root, _, _ = messy_tree
     evil = tmp_path / "evil.pth"
     marker = tmp_path / "pwned"
-    evil.write_bytes(pickle.dumps({"format": "fashion-vit/1", "x": _Exploit(marker)}))
+    evil.write_bytes(pickle.dumps({"format": "fashion-vit/1", "x": Exploit(marker)}))
     proc = run_cli("--input", str(root), "--model", str(evil), "--output", str(tmp_path / "p.csv"))
     assert proc.returncode == 1
     assert "refused" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists() and not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, code, message",
     [
@@ -167,8 +177,12 @@ class _FailingDataset:
     """Yields one batch, then fails the way a lost cluster would."""
 
     def iter_batches(self, **_):
-        yield {"path": np.array(["a.jpg"], dtype=object), "predicted_category": np.array(["Apparel"], dtype=object),
-               "confidence": np.array([0.9]), "error": np.array([""], dtype=object)}
+        yield {
+            "path": np.array(["a.jpg"], dtype=object),
+            "predicted_category": np.array(["Apparel"], dtype=object),
+            "confidence": np.array([0.9]),
+            "error": np.array([""], dtype=object),
+        }
         raise RuntimeError("cluster lost")
 
 
@@ -185,20 +199,35 @@ def test_listing_recognises_extensions_in_any_case(tmp_path):
     for name in ("a.JPG", "b.Jpeg", "c.png", "d.TIFF", "e.tif", "f.bmp", "g.gif", "h.webp", "i.txt", "j"):
         (tmp_path / name).write_bytes(b"x")
     paths, ignored = list_images([str(tmp_path)])
-    assert [os.path.basename(p) for p in paths] == ["a.JPG", "b.Jpeg", "c.png", "d.TIFF", "e.tif", "f.bmp", "g.gif", "h.webp"]
+    assert [os.path.basename(p) for p in paths] == [
+        "a.JPG",
+        "b.Jpeg",
+        "c.png",
+        "d.TIFF",
+        "e.tif",
+        "f.bmp",
+        "g.gif",
+        "h.webp",
+    ]
     assert ignored == 2
     with pytest.raises(PredictError):
         list_images([str(tmp_path / "missing")])
 
 
+@pytest.mark.slow
 def test_a_hugging_face_model_folder_works_as_model(trained, samples, tmp_path, ray_session):
     from jobs import batch_predict
 
-    model, prep = model_from_payload(load_checkpoint(str(trained / "vit_model.pth")))
+    model, _prep = load_checkpoint(str(trained / "vit_model.pth")).build()
     folder = tmp_path / "hf"
     model.save_pretrained(folder)
     out = tmp_path / "pred.csv"
-    assert batch_predict.main(["--input", str(samples["holdout"] / "images"), "--model", str(folder), "--output", str(out)]) == 0
+    assert (
+        batch_predict.main(
+            ["--input", str(samples["holdout"] / "images"), "--model", str(folder), "--output", str(out)]
+        )
+        == 0
+    )
     rows = read_csv(out)
     truth = {r[0]: r[2] for r in samples["holdout_rows"]}
     assert len(rows) == len(truth) and all(r["error"] == "" for r in rows)

@@ -4,18 +4,16 @@ over them varies. The short real run of the scratch recipe is the `trained` fixt
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 
-from fashion_vit.config import RECIPE_FIELDS, RECIPES, ConfigError, TrainConfig
+from fashion_vit.config import HYPERPARAMETERS, RECIPE_FIELDS, RECIPES, ConfigError, TrainConfig
 from fashion_vit.train import class_weights
-from fashion_vit.tune import HYPERPARAMETERS, baseline, search_space
+from fashion_vit.tune import baseline, search_space
 from jobs.tune import parse_args
-from tests.conftest import ROOT
+from tests.conftest import run_script
 
 
 def _recipe_values(cfg: TrainConfig) -> dict:
@@ -25,8 +23,20 @@ def _recipe_values(cfg: TrainConfig) -> dict:
 def test_the_pretrained_baseline_is_the_seed_recipe_unchanged():
     cfg = parse_args([])
     assert cfg.recipe == "pretrained" and cfg.from_scratch is False
-    assert (cfg.model, cfg.image_size, cfg.epochs, cfg.lr, cfg.batch_size) == ("google/vit-base-patch16-224-in21k", 224, 3, 2e-5, 32)
-    assert (cfg.weight_decay, cfg.warmup_ratio, cfg.label_smoothing, cfg.augment, cfg.class_weights) == (0.0, 0.0, 0.0, "flip", "none")
+    assert (cfg.model, cfg.image_size, cfg.epochs, cfg.lr, cfg.batch_size) == (
+        "google/vit-base-patch16-224-in21k",
+        224,
+        3,
+        2e-5,
+        32,
+    )
+    assert (cfg.weight_decay, cfg.warmup_ratio, cfg.label_smoothing, cfg.augment, cfg.class_weights) == (
+        0.0,
+        0.0,
+        0.0,
+        "flip",
+        "none",
+    )
     # The library's defaults are the same recipe: TrainConfig() is the baseline too.
     assert asdict(cfg) == asdict(TrainConfig())
 
@@ -39,7 +49,9 @@ def test_from_scratch_takes_the_scratch_recipe():
 
 
 def test_explicit_flags_win_over_the_recipe():
-    cfg = parse_args(["--from-scratch", "--lr", "3e-4", "--epochs", "2", "--image-size", "64", "--class-weights", "sqrt"])
+    cfg = parse_args(
+        ["--from-scratch", "--lr", "3e-4", "--epochs", "2", "--image-size", "64", "--class-weights", "sqrt"]
+    )
     assert (cfg.lr, cfg.epochs, cfg.image_size, cfg.class_weights) == (3e-4, 2, 64, "sqrt")
     rest = {k: v for k, v in RECIPES["scratch"].items() if k not in ("lr", "epochs", "image_size", "class_weights")}
     assert {k: getattr(cfg, k) for k in rest} == rest
@@ -53,8 +65,7 @@ def test_explicit_flags_win_over_the_recipe():
 def test_scratch_recipe_with_pretrained_weights_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="random weights"):
         parse_args(["--recipe", "scratch", "--model", str(tmp_path)])
-    proc = subprocess.run([sys.executable, "jobs/tune.py", "--recipe", "scratch", "--model", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_script("jobs/tune.py", "--recipe", "scratch", "--model", str(tmp_path), timeout=120)
     assert proc.returncode == 2 and "random weights" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -106,7 +117,9 @@ def test_class_weighted_loss_weights_images_not_the_smoothing_term():
     torch.manual_seed(0)
     logits, y = torch.randn(32, 6), torch.randint(0, 6, (32,))
     # No weights: plain (smoothed) cross-entropy.
-    torch.testing.assert_close(_loss(logits, y, None, 0.1), torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1))
+    torch.testing.assert_close(
+        _loss(logits, y, None, 0.1), torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+    )
     # Equal weights change nothing, whatever their scale.
     torch.testing.assert_close(_loss(logits, y, torch.full((6,), 7.0), 0.1), _loss(logits, y, None, 0.1))
     # A class's weight scales only its own images' share.

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +12,9 @@ from PIL import Image
 
 from fashion_vit.config import MASTER_CATEGORIES, TrainConfig
 from fashion_vit.data import load_data, stratified_split
-from fashion_vit.model import ModelError, create_model, load_checkpoint, model_from_payload
+from fashion_vit.model import ModelError, create_model, load_checkpoint
 from fashion_vit.transforms import decode_image, preprocess
-from tests.conftest import ROOT, make_kaggle_folder
+from tests.conftest import make_kaggle_folder, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +47,13 @@ def test_evaluate_rebuilds_the_test_split_and_agrees_with_a_direct_recomputation
     assert [r["class"] for r in per_class] == list(MASTER_CATEGORIES)
 
     # Direct recomputation: rebuild the split by hand and run the model without the library's scorer.
-    payload = load_checkpoint(str(model_path))
-    cfg = TrainConfig(**payload["train_config"])
+    saved = load_checkpoint(str(model_path))
+    cfg = TrainConfig(**saved.train_config)
     data = load_data(cfg)
-    test = data.frame.iloc[stratified_split(data.frame["label"].to_numpy(), cfg.val_fraction, cfg.test_fraction, cfg.seed)["test"]]
-    model, prep = model_from_payload(payload)
+    test = data.frame.iloc[
+        stratified_split(data.frame["label"].to_numpy(), cfg.val_fraction, cfg.test_fraction, cfg.seed)["test"]
+    ]
+    model, prep = saved.build()
     with torch.no_grad():
         x = torch.from_numpy(np.stack([decode_image(b, prep.source_size) for b in test["image"]]))
         pred = model(pixel_values=preprocess(x, prep)).logits.argmax(1).numpy()
@@ -66,7 +66,7 @@ def test_evaluate_rebuilds_the_test_split_and_agrees_with_a_direct_recomputation
         if (pred == i).any():
             assert metrics["per_class"][name]["precision"] == pytest.approx(tp / (pred == i).sum())
     # The same split and model as the test report tune.py stored in the checkpoint.
-    assert metrics["accuracy"] == pytest.approx(payload["metrics"]["test"]["accuracy"])
+    assert metrics["accuracy"] == pytest.approx(saved.metrics["test"]["accuracy"])
 
 
 def test_evaluate_other_data_reports_unknown_labels(trained, samples, styles_rows, shared_data, tmp_path):
@@ -76,10 +76,8 @@ def test_evaluate_other_data_reports_unknown_labels(trained, samples, styles_row
     rows[1][2] = "Jewellery"
     folder = make_kaggle_folder(tmp_path / "other", header, rows, shared_data / "images")
     out = tmp_path / "report"
-    proc = subprocess.run(
-        [sys.executable, "jobs/evaluate.py", "--model", str(trained / "vit_model.pth"), "--data-dir", str(folder), "--output", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    model = str(trained / "vit_model.pth")
+    proc = run_script("jobs/evaluate.py", "--model", model, "--data-dir", str(folder), "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["split"] == "all" and metrics["data"]["images"] == 58
@@ -93,8 +91,20 @@ def test_init_from_continues_from_the_saved_weights(trained, samples, ray_sessio
     saved_val = before["best"]["val"]["val_accuracy"]
     fresh_first_epoch = before["trials"][0]["history"][0]["val_accuracy"]  # a fresh tiny model, same data
     out = tmp_path / "continued"
-    argv = ["--data-dir", str(samples["train"]), "--init-from", str(trained / "vit_model.pth"),
-            "--image-size", "32", "--epochs", "1", "--lr", "1e-5", "--output-dir", str(out)]
+    argv = [
+        "--data-dir",
+        str(samples["train"]),
+        "--init-from",
+        str(trained / "vit_model.pth"),
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-5",
+        "--output-dir",
+        str(out),
+    ]
     assert tune_job.main(argv) == 0
     first = json.loads((out / "summary.json").read_text())["trials"][0]["history"][0]["val_accuracy"]
     assert first >= saved_val - 0.03, (first, saved_val)
@@ -102,24 +112,23 @@ def test_init_from_continues_from_the_saved_weights(trained, samples, ray_sessio
 
 
 def test_init_from_with_other_labels_needs_reinit_head(trained):
-    payload = load_checkpoint(str(trained / "vit_model.pth"))
+    saved_model = load_checkpoint(str(trained / "vit_model.pth"))
     labels = ["Topwear", "Bottomwear", "Shoes"]
     cfg = TrainConfig(init_from=str(trained / "vit_model.pth"), image_size=32, label_column="subCategory")
     with pytest.raises(ModelError, match="--reinit-head"):
-        create_model(cfg, labels, payload)
+        create_model(cfg, labels, saved_model)
     cfg.reinit_head = True
-    model, _ = create_model(cfg, labels, payload)
+    model, _ = create_model(cfg, labels, saved_model)
     assert model.classifier.out_features == 3 and model.config.id2label[2] == "Shoes"
-    saved, _ = model_from_payload(payload)
+    saved, _ = saved_model.build()
     key = "vit.embeddings.patch_embeddings.projection.weight"
     torch.testing.assert_close(model.state_dict()[key], saved.state_dict()[key])
 
 
 def test_init_from_label_mismatch_is_one_line_from_the_job(trained, samples):
-    proc = subprocess.run(
-        [sys.executable, "jobs/tune.py", "--data-dir", str(samples["train"]), "--label-column", "subCategory",
-         "--init-from", str(trained / "vit_model.pth"), "--image-size", "32"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    data, model = str(samples["train"]), str(trained / "vit_model.pth")
+    proc = run_script(
+        "jobs/tune.py", "--data-dir", data, "--label-column", "subCategory", "--init-from", model, "--image-size", "32"
     )
     assert proc.returncode == 1
     assert "--reinit-head" in proc.stderr and "Traceback" not in proc.stderr

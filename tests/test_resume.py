@@ -19,9 +19,27 @@ pytestmark = pytest.mark.slow
 def test_resume_after_the_driver_is_killed(samples, tmp_path):
     out = tmp_path / "results"
     storage = out / "experiments"
-    argv = [sys.executable, "jobs/tune.py", "--data-dir", str(samples["train"]), *TINY_ARGS, "--limit", "600",
-            "--search", "asha", "--num-samples", "1", "--epochs", "2", "--max-concurrent-trials", "1",
-            "--output-dir", str(out), "--name", "fashion-vit-resume"]
+    argv = [
+        sys.executable,
+        "jobs/tune.py",
+        "--data-dir",
+        str(samples["train"]),
+        *TINY_ARGS,
+        "--limit",
+        "600",
+        "--search",
+        "asha",
+        "--num-samples",
+        "1",
+        "--epochs",
+        "2",
+        "--max-concurrent-trials",
+        "1",
+        "--output-dir",
+        str(out),
+        "--name",
+        "fashion-vit-resume",
+    ]
     env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray, which dies with it
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -49,6 +67,6 @@ def test_resume_after_the_driver_is_killed(samples, tmp_path):
     assert sorted(p.name for p in first_trial.glob("checkpoint_*")) == checkpoints_before  # not trained again
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["trials"]) == 2
-    assert [len(t["history"]) for t in summary["trials"]][0] == 2
+    assert next(len(t["history"]) for t in summary["trials"]) == 2
     assert all(t["error"] is None for t in summary["trials"])
     assert (out / "vit_model.pth").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fashion_vit.config import MASTER_CATEGORIES, RECIPES
-from fashion_vit.model import load_checkpoint, model_from_payload
+from fashion_vit.model import load_checkpoint
 from fashion_vit.predict import Predictor
 from fashion_vit.transforms import decode_image
 from tests.conftest import TINY_ARGS
@@ -43,12 +43,15 @@ def test_baseline_exports_a_working_model_that_beats_the_majority_class(trained,
     assert trials[0]["config"]["lr"] == pytest.approx(RECIPES["scratch"]["lr"])
 
     # The file alone rebuilds a working model, without Ray and without the hub.
-    model, prep = model_from_payload(load_checkpoint(str(path)))
+    saved = load_checkpoint(str(path))
+    _model, prep = saved.build()
     rows = samples["holdout_rows"][:64]
     images = torch.from_numpy(
-        __import__("numpy").stack([decode_image((samples["holdout"] / "images" / f"{r[0]}.jpg").read_bytes(), prep.source_size) for r in rows])
+        __import__("numpy").stack(
+            [decode_image((samples["holdout"] / "images" / f"{r[0]}.jpg").read_bytes(), prep.source_size) for r in rows]
+        )
     )
-    out = Predictor(raw)({"image": images.numpy()})
+    out = Predictor(saved)({"image": images.numpy()})
     assert len(out["predicted_category"]) == 64 and set(out["predicted_category"]) <= set(MASTER_CATEGORIES)
 
 
@@ -58,9 +61,19 @@ def test_asha_search_stops_a_trial_early_and_every_trial_finishes(samples, ray_s
     from jobs import tune as tune_job
 
     argv = [
-        "--data-dir", str(samples["train"]), *TINY_ARGS,
-        "--search", "asha", "--num-samples", "4", "--epochs", "3",
-        "--max-concurrent-trials", "1", "--output-dir", str(tmp_path),
+        "--data-dir",
+        str(samples["train"]),
+        *TINY_ARGS,
+        "--search",
+        "asha",
+        "--num-samples",
+        "4",
+        "--epochs",
+        "3",
+        "--max-concurrent-trials",
+        "1",
+        "--output-dir",
+        str(tmp_path),
     ]
     assert tune_job.main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -87,13 +100,29 @@ def test_pretrained_folder_path_starts_from_its_weights(trained, samples, ray_se
     knows, which a random initialisation could not reach."""
     from jobs import tune as tune_job
 
-    model, prep = model_from_payload(load_checkpoint(str(trained / "vit_model.pth")))
+    model, prep = load_checkpoint(str(trained / "vit_model.pth")).build()
     folder = tmp_path / "saved"
     model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": list(prep.mean), "image_std": list(prep.std)}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": list(prep.mean), "image_std": list(prep.std)})
+    )
     out = tmp_path / "results"
-    argv = ["--data-dir", str(samples["train"]), "--model", str(folder), "--image-size", "32",
-            "--epochs", "1", "--lr", "1e-5", "--limit", "600", "--output-dir", str(out)]
+    argv = [
+        "--data-dir",
+        str(samples["train"]),
+        "--model",
+        str(folder),
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-5",
+        "--limit",
+        "600",
+        "--output-dir",
+        str(out),
+    ]
     assert tune_job.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     before = json.loads((trained / "summary.json").read_text())["best"]["val"]["val_accuracy"]
@@ -108,8 +137,19 @@ def test_two_data_parallel_workers(samples, ray_session, tmp_path):
     """--num-workers 2: DDP over gloo, validation metrics all-reduced across the shards."""
     from jobs import tune as tune_job
 
-    argv = ["--data-dir", str(samples["train"]), *TINY_ARGS, "--limit", "600", "--epochs", "1",
-            "--num-workers", "2", "--output-dir", str(tmp_path)]
+    argv = [
+        "--data-dir",
+        str(samples["train"]),
+        *TINY_ARGS,
+        "--limit",
+        "600",
+        "--epochs",
+        "1",
+        "--num-workers",
+        "2",
+        "--output-dir",
+        str(tmp_path),
+    ]
     assert tune_job.main(argv) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     row = summary["trials"][0]["history"][0]
