@@ -1,21 +1,70 @@
 """Shared fixtures: real images from ../shared/data/fashion-small, one Ray for the
 whole session, and one tiny model trained through jobs/tune.py for the tests that
-need a trained model."""
+need a trained model.
+
+The suite runs as on a brand-new machine: before anything imports Ray, HOME, the
+caches and Ray's temp folder point at a new empty folder, and no Ray address or token
+is inherited. A test can then neither pass on what an earlier run left behind
+(~/.ray/auth_token, a Hugging Face cache, a running Ray) nor leave anything in the
+user's home. Subprocesses inherit the same environment.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Short: Ray's socket paths under RAY_TMPDIR must stay under 107 bytes.
+FRESH = tempfile.mkdtemp(prefix="fvt-", dir="/tmp")
+for _var in (
+    "RAY_ADDRESS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "XDG_CACHE_HOME",
+    "HF_HOME",
+    "TORCH_HOME",
+):
+    os.environ.pop(_var, None)
+os.environ.update(HOME=os.path.join(FRESH, "home"), RAY_TMPDIR=os.path.join(FRESH, "tmp"))
+os.makedirs(os.environ["HOME"])
+os.makedirs(os.environ["RAY_TMPDIR"])
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FASHION_SMALL", ROOT.parent / "shared" / "data" / "fashion-small"))
 # Small real samples: CI runs on 2 cores.
 TRAIN_ROWS = 1500
 HOLDOUT_ROWS = 300
+
+
+def run_script(script: str, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python <script> args` from the repository root as a user would; output captured."""
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+class Exploit:
+    """Pickles into a call of os.system: what a hostile model file would hold. Loading
+    one must never create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(FRESH, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,21 @@
-"""Both jobs submitted with `ray job submit` to a real two-node Ray cluster on loopback.
+"""Both jobs submitted with `ray job submit` to a real two-node Ray cluster on loopback,
+with token authentication on, as the README's cluster section sets one up.
 
-The head node has no CPUs, so every task, actor and training worker must run on the
-second node. Only the processes this test started are ended (by process group and by
-the cluster's private temp dir); `ray stop` would end every Ray process on the machine.
+Both nodes have CPUs (2 each), so the cluster has 4 CPUs in all but no node has more
+than 2: default sizing must fit a node, not the total. The cluster brings its own
+token (RAY_AUTH_TOKEN, for both nodes and every client) and its own home folder, so
+it neither needs nor writes ~/.ray/auth_token. Only the processes this test started
+are ended (by process group and by the cluster's private temp dirs); `ray stop` would
+end every Ray process on the machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -40,10 +46,22 @@ def _kill_leftovers(marker: str) -> None:
         except OSError:
             continue
         if marker in cmdline:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+
+
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _ray(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -51,31 +69,42 @@ def cluster(tmp_path_factory):
     # Short (Ray's socket paths must stay under 107 bytes), and one per node: two nodes on
     # one host sharing a temp dir would garbage-collect each other's working_dir packages.
     temp = Path(f"/tmp/fv-ray-{os.getpid()}")
+    home = tmp_path_factory.mktemp("cluster-home")
     port, dashboard = free_port(), free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token")
+    # What the README tells a user to do for a fresh head node: switch token auth on and
+    # hand every node and client the same token.
+    env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     env.pop("RAY_ADDRESS", None)
+    address = f"http://127.0.0.1:{dashboard}"
     nodes = []
     try:
-        nodes.append(subprocess.Popen(
-            [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             f"--temp-dir={temp}", "--disable-usage-stats"],
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        address = f"http://127.0.0.1:{dashboard}"
-        _wait_for(lambda: subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0, 120)
-        nodes.append(subprocess.Popen(
-            [RAY, "start", "--block", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-             '--resources={"second_node": 1}', f"--temp-dir={temp}-node2", "--disable-usage-stats"],
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        _wait_for(lambda: "second_node" in subprocess.run(
-            [RAY, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True, text=True).stdout, 120)
-        yield {"address": address, "env": env}
+        nodes.append(
+            _start(
+                ["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={dashboard}", f"--temp-dir={temp}"],
+                env,
+            )
+        )  # fmt: skip
+        _wait_for(lambda: _ray(env, "job", "list", "--address", address).returncode == 0, 120)
+        nodes.append(
+            _start(
+                [
+                    f"--address=127.0.0.1:{port}",
+                    "--num-cpus=2",
+                    '--resources={"second_node": 1}',
+                    f"--temp-dir={temp}-node2",
+                ],
+                env,
+            )
+        )
+        _wait_for(lambda: "second_node" in _ray(env, "status", f"--address=127.0.0.1:{port}").stdout, 120)
+        # The dashboard answers before its job agent can take jobs ("No available agent").
+        _wait_for(lambda: _ray(env, "job", "submit", "--address", address, "--", "true").returncode == 0, 120)
+        yield {"address": address, "env": env, "home": home}
     finally:
         for node in reversed(nodes):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for node in nodes:
             try:
                 node.wait(timeout=30)
@@ -94,22 +123,71 @@ def _wait_for(condition, timeout: float) -> None:
 def submit(cluster, *entrypoint: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
         [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", str(ROOT), "--", *entrypoint],
-        cwd=ROOT, env=cluster["env"], capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=cluster["env"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
-def test_both_jobs_run_on_a_submitted_cluster(cluster, samples, tmp_path):
+def test_a_client_without_the_token_is_refused(cluster):
+    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_TOKEN"}
+    proc = _ray(env, "job", "list", "--address", cluster["address"])
+    assert proc.returncode != 0 and "authentication token" in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+def test_both_jobs_with_default_flags_on_nodes_that_each_have_cpus(cluster, samples, tmp_path):
     out = tmp_path / "results"
-    tune = submit(cluster, sys.executable, "jobs/tune.py", "--data-dir", str(samples["train"]), *TINY_ARGS,
-                  "--limit", "600", "--epochs", "2", "--output-dir", str(out))
+    data = str(samples["train"])
+    tune = submit(cluster, sys.executable, "jobs/tune.py", "--data-dir", data, *TINY_ARGS, "--limit", "600",
+                  "--epochs", "2", "--output-dir", str(out))  # fmt: skip
     assert tune.returncode == 0 and "succeeded" in tune.stdout.lower(), tune.stdout[-4000:] + tune.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials"][0]["epochs_run"] == 2 and (out / "vit_model.pth").exists()
+    # Sized to a node (2 CPUs), not to the cluster's total of 4, which no node holds.
+    assert summary["train_config"]["cpus_per_worker"] == 2 and summary["train_config"]["use_gpu"] is False
 
     csv_path = tmp_path / "pred.csv"
     predict = submit(cluster, sys.executable, "jobs/batch_predict.py", "--input", str(samples["holdout"] / "images"),
-                     "--model", str(out / "vit_model.pth"), "--output", str(csv_path))
-    assert predict.returncode == 0 and "succeeded" in predict.stdout.lower(), predict.stdout[-4000:] + predict.stderr[-2000:]
+                     "--model", str(out / "vit_model.pth"), "--output", str(csv_path))  # fmt: skip
+    assert predict.returncode == 0 and "succeeded" in predict.stdout.lower(), (
+        predict.stdout[-4000:] + predict.stderr[-2000:]
+    )
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(samples["holdout_rows"]) and all(r["predicted_category"] for r in rows)
+    # The token came from the environment: nothing was written to the home folder.
+    assert not (cluster["home"] / ".ray" / "auth_token").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--cpus-per-worker", "64"],
+            "--cpus-per-worker 64 cannot be placed: the largest node has 2 CPU(s) (2 node(s): 2 CPU, 2 CPU)",
+        ),
+        (["--gpu"], "the cluster has no GPUs (2 node(s): 2 CPU, 2 CPU)"),
+    ],
+    ids=["cpus", "gpu"],
+)
+def test_an_impossible_request_fails_at_once_in_one_line(cluster, samples, tmp_path, flags, message):
+    # A hang here (the old behaviour) ends in the subprocess timeout, not in a pass.
+    proc = submit(cluster, sys.executable, "jobs/tune.py", "--data-dir", str(samples["train"]), *TINY_ARGS,
+                  "--limit", "100", "--output-dir", str(tmp_path), *flags, timeout=240)  # fmt: skip
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    # ray job submit prints the job's output, then repeats its tail in the status message.
+    errors = {line for line in proc.stdout.splitlines() if line.startswith("tune.py: error:")}
+    assert len(errors) == 1 and message in errors.pop(), proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout
+
+
+def test_batch_predict_asking_for_more_actors_than_fit_fails_at_once(cluster, trained, samples, tmp_path):
+    proc = submit(cluster, sys.executable, "jobs/batch_predict.py", "--input", str(samples["holdout"] / "images"),
+                  "--model", str(trained / "vit_model.pth"), "--output", str(tmp_path / "p.csv"),
+                  "--num-actors", "64", timeout=240)  # fmt: skip
+    assert proc.returncode != 0
+    errors = {line for line in proc.stdout.splitlines() if line.startswith("batch_predict.py: error:")}
+    assert len(errors) == 1 and "--num-actors 64" in errors.pop(), proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout

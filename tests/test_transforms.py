@@ -91,7 +91,9 @@ PREP = Preprocessing(image_size=32, source_size=SIZE, mean=(0.5, 0.4, 0.3), std=
 def test_preprocess_matches_a_direct_float_reference():
     images = torch.randint(0, 256, (4, 80, 60, 3), dtype=torch.uint8)
     out = preprocess(images, PREP)
-    ref = F.interpolate(images.permute(0, 3, 1, 2).float() / 255, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    ref = F.interpolate(
+        images.permute(0, 3, 1, 2).float() / 255, size=(32, 32), mode="bilinear", align_corners=False, antialias=True
+    )
     ref = (ref - torch.tensor(PREP.mean).view(1, 3, 1, 1)) / torch.tensor(PREP.std).view(1, 3, 1, 1)
     assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
