@@ -39,7 +39,7 @@ from fashion_vit import tune  # noqa: E402
 from fashion_vit.config import MASTER_CATEGORIES, TrainConfig  # noqa: E402
 from fashion_vit.data import infer_source_size, load_data  # noqa: E402
 from fashion_vit.model import create_model  # noqa: E402
-from fashion_vit.transforms import Preprocessing, decode_image, preprocess  # noqa: E402
+from fashion_vit.transforms import Preprocessing, decode_image, image_bytes, preprocess  # noqa: E402
 
 
 def plain_loop(cfg: TrainConfig, images, repeats: int, steps: int) -> list[float]:
@@ -52,7 +52,7 @@ def plain_loop(cfg: TrainConfig, images, repeats: int, steps: int) -> list[float
     model.to(device).train()
     source = infer_source_size(images, cfg.image_size)
     prep = Preprocessing(cfg.image_size, source, tuple(mean), tuple(std))
-    raw = torch.from_numpy(np.stack([decode_image(b, source) for b in images.iloc[: cfg.batch_size * 8]]))
+    raw = torch.from_numpy(np.stack([decode_image(image_bytes(b), source) for b in images.iloc[: cfg.batch_size * 8]]))
     batches = [preprocess(raw[i : i + cfg.batch_size].to(device), prep) for i in range(0, len(raw), cfg.batch_size)]
     labels = torch.randint(0, len(MASTER_CATEGORIES), (cfg.batch_size,), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -3,6 +3,8 @@ so that a request no node can place fails at once instead of waiting forever."""
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 
@@ -17,11 +19,34 @@ class Node:
 def start_ray(address: str | None) -> None:
     """Join the cluster at `address`, else RAY_ADDRESS's or the one a job was submitted
     to, else start a local Ray."""
+    import logging
+
     import ray
 
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
-    # Per-block progress bars from every operator drown the jobs' own output.
+    if not ray.is_initialized():
+        # Ray Train's workers find the state API by looking for Ray on the machine, which
+        # fails when a machine runs two (a test's Ray beside yours, two users' jobs): a
+        # stopped trial's CPUs are then never freed and the next trials wait forever
+        # (seen with Ray 2.60). A local Ray's workers inherit this process's environment,
+        # so name its dashboard for them; a cluster we only join keeps its own.
+        port = _free_port()
+        ours = "RAY_API_SERVER_ADDRESS" not in os.environ
+        if ours:
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        context = ray.init(address=address, log_to_driver=True, dashboard_port=port)
+        if ours and not str(context.dashboard_url or "").endswith(f":{port}"):
+            del os.environ["RAY_API_SERVER_ADDRESS"]  # joined a cluster: its dashboard is elsewhere
+    # Ray Data's per-operator progress bars and execution-plan INFO lines drown the jobs'
+    # own progress and epoch lines; its warnings still show.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cluster_nodes() -> list[Node]:

@@ -27,9 +27,10 @@ MASTER_CATEGORIES = (
     "Sporting Goods",
 )
 VIT_SIZES = ("tiny", "small", "base")
-SEARCHES = ("none", "asha")
+SEARCHES = ("none", "asha", "optuna")
 AUGMENTS = ("flip", "crop")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
+SAMPLINGS = ("none", "sqrt", "balanced")
 SPLITS = ("test", "val", "train", "all")
 # The metric that picks epochs, trials and the exported model: one name everywhere.
 METRIC = "val_accuracy"
@@ -131,6 +132,12 @@ class TrainConfig:
     label_column: str = option(
         DEFAULT_LABEL_COLUMN, "column to classify: masterCategory (6 labels), subCategory, articleType, ...", group=DATA
     )
+    aux_label: str | None = option(
+        None,
+        "also train a second head on this finer column (e.g. articleType), its loss added with weight 0.5; "
+        "the exported model keeps the main head only",
+        group=DATA,
+    )
     limit: int | None = option(
         None, "train on a stratified sample of this many rows (quick runs)", group=DATA, type=positive_int
     )
@@ -157,7 +164,21 @@ class TrainConfig:
         action="store_true",
     )
     image_size: int = option(
-        224, "model input side in pixels, a multiple of 16", group=MODEL, scratch=32, searched=True, type=positive_int
+        224,
+        "model input side in pixels, a multiple of the patch size",
+        group=MODEL,
+        scratch=32,
+        searched=True,
+        type=positive_int,
+    )
+    patch_size: int = option(
+        16,
+        "side of the square patches a --from-scratch ViT cuts its input into (a pretrained checkpoint keeps its own): "
+        "(image size / patch size)^2 tokens",
+        group=MODEL,
+        scratch=16,
+        searched=True,
+        type=positive_int,
     )
     # --- training: TrainConfig's defaults are the seed's recipe, RECIPES["pretrained"] ---
     recipe: str = option(
@@ -206,18 +227,29 @@ class TrainConfig:
         searched=True,
         choices=CLASS_WEIGHTS,
     )
+    sampling: str = option(
+        "none",
+        "oversample the rare classes' training images each epoch: none; sqrt (a class of n images is seen "
+        "round(sqrt(n_max / n)) times an epoch); balanced (n_max / n times, at most 100)",
+        group=TRAINING,
+        scratch="none",
+        choices=SAMPLINGS,
+    )
     bf16: bool = option(True, "train in fp32 on GPUs too", group=TRAINING, flag="--no-bf16", action="store_false")
     # --- tuning ---
     search: str = option(
         "none",
-        "none: the baseline only; asha: baseline + --num-samples sampled trials, stopped early by ASHA",
+        "none: the baseline only; asha: baseline + --num-samples randomly sampled trials, stopped early by ASHA; "
+        "optuna: the same, but Optuna's TPE picks each trial's values from the trials that finished before it",
         group=SEARCH,
         choices=SEARCHES,
     )
-    num_samples: int = option(4, "sampled trials for --search asha", group=SEARCH, type=positive_int)
+    num_samples: int = option(
+        4, "trials after the baseline for --search asha or optuna", group=SEARCH, type=positive_int
+    )
     search_image_sizes: tuple[int, ...] | None = option(
         None,
-        "with --search asha, trials also sample the input size from these",
+        "with --search, trials also sample the input size from these",
         group=SEARCH,
         scratch=(32, 48),
         type=positive_int,
@@ -253,11 +285,19 @@ class TrainConfig:
     )
     resume: bool = option(
         False,
-        "continue an interrupted experiment: finished trials are kept, unfinished ones continue from their last checkpoint",
+        "continue an interrupted experiment: finished trials are kept, unfinished ones continue from their last "
+        "checkpoint, and a search from its searcher's saved state",
         group=RESOURCES,
         action="store_true",
     )
     seed: int = option(42, "seed for the split, sampling and init", group=RESOURCES, type=int)
+    mlflow_uri: str | None = option(
+        None,
+        "log every trial to this MLflow tracking URI (a database such as sqlite:////abs/path/mlflow.db, or a "
+        "server); the best trial's run also gets vit_model.pth, summary.json and report.md. Needs pip install -e '.[mlflow]'",
+        group=RESOURCES,
+    )
+    mlflow_experiment: str = option("fashion-vit", "MLflow experiment for --mlflow-uri", group=RESOURCES)
 
     def validate(self) -> TrainConfig:
         """Check every value before Ray starts; raise ConfigError with one clear line."""
@@ -280,13 +320,31 @@ class TrainConfig:
         sizes = [("--image-size", self.image_size)] + [
             ("--search-image-sizes", s) for s in self.search_image_sizes or ()
         ]
+        # A pretrained checkpoint's patch size is its own; the default one's is 16.
+        patch = self.patch_size if self.from_scratch else 16
+        if not 2 <= self.patch_size <= 64:
+            raise ConfigError(f"--patch-size must be between 2 and 64, got {self.patch_size}")
         for flag, size in sizes:
-            if not 16 <= size <= 1024 or size % 16:
-                raise ConfigError(f"{flag} must be a multiple of the patch size 16 between 16 and 1024, got {size}")
-        for name in ("augment", "class_weights", "recipe", "vit_size", "search"):
+            if not patch <= size <= 1024 or size % patch:
+                raise ConfigError(
+                    f"{flag} must be a multiple of the patch size {patch} between {patch} and 1024, got {size}"
+                )
+        for name in ("augment", "class_weights", "sampling", "recipe", "vit_size", "search"):
             _one_of(self, name)
-        if self.search == "asha":
+        if self.search != "none":
             _positive("--num-samples", self.num_samples)
+        # Both are imported only when asked for: a GPU machine's bundle may lack them.
+        if self.search == "optuna":
+            _installed("optuna", "--search optuna", "pip install optuna")
+        if self.mlflow_uri is not None:
+            _installed("mlflow", "--mlflow-uri", "pip install -e '.[mlflow]'")
+            # MLflow 3.13+ refuses the ./mlruns folder store, and fails only once Tune has started.
+            folder = not is_uri(self.mlflow_uri) and not self.mlflow_uri.startswith("databricks")
+            if folder or self.mlflow_uri.startswith("file:"):
+                raise ConfigError(
+                    f"--mlflow-uri {self.mlflow_uri!r}: MLflow no longer accepts a folder; give a database, "
+                    "e.g. sqlite:////abs/path/mlflow.db, or a tracking server's http(s):// address"
+                )
         if self.max_concurrent_trials is not None:
             _positive("--max-concurrent-trials", self.max_concurrent_trials)
         if self.limit is not None and self.limit < 20:
@@ -331,6 +389,8 @@ def with_recipe(flags: dict) -> TrainConfig:
     recipe = given.pop("recipe", None) or ("scratch" if given.get("from_scratch") else "pretrained")
     if recipe not in RECIPES:
         raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if "patch_size" in given and not (given.get("from_scratch") or recipe == "scratch"):
+        raise ConfigError("--patch-size applies to --from-scratch: a pretrained checkpoint keeps its own patch size")
     if recipe == "scratch":
         if given.get("init_from") or given.get("model", DEFAULT_MODEL) != DEFAULT_MODEL:
             raise ConfigError(
@@ -354,20 +414,36 @@ def recipe_help(name: str) -> str:
 @dataclass
 class PredictConfig:
     inputs: list[str] = option(
-        help="folder (or s3://, gs:// URI) searched recursively for images; repeatable",
+        help="folder (or s3://, gs:// prefix) searched recursively for images; repeatable",
         flag="--input",
         action="append",
         required=True,
         default_factory=list,
     )
     model: str = option("results/vit_model.pth", "vit_model.pth from jobs/tune.py, or a Hugging Face model folder")
-    output: str = option("results/predictions.csv", "CSV to write, atomically")
+    output: str = option(
+        "results/predictions.csv",
+        "file to write, sorted by path, when complete: .csv, or .parquet; a name ending in / "
+        "writes a folder of Parquet parts",
+    )
     batch_size: int = option(64, "images per model call", type=positive_int)
     top_k: int = option(0, "also write the k most likely labels and their probabilities", type=int)
     num_actors: int | None = option(None, "predictor actors (default: one per GPU, else one)", type=positive_int)
     threads: int | None = option(
         None, "torch threads per CPU actor (default: the machine's CPU count)", type=positive_int
     )
+    resume: bool = option(
+        False,
+        "continue the interrupted run for this --output (its <output>.partial folder): only unfinished files are "
+        "predicted; without one, start a new run",
+        action="store_true",
+    )
+    work_dir: str | None = option(
+        None,
+        "where the run keeps its listing and shards until the output is complete (default: <output>.partial; "
+        "on a multi-node cluster it must be storage every node can write)",
+    )
+    quiet: bool = option(False, "no progress line on stderr", action="store_true")
     address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
     def validate(self) -> PredictConfig:
@@ -385,9 +461,15 @@ class PredictConfig:
             _positive("--threads", self.threads)
         if not is_uri(self.model) and not os.path.exists(self.model):
             raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
-        if os.path.isdir(self.output):
-            raise ConfigError(f"--output {self.output!r} is a folder; give a file path such as predictions.csv")
-        parent = os.path.dirname(os.path.abspath(self.output))
+        parts = self.output.endswith(("/", os.sep))
+        if os.path.isdir(self.output) and not parts:
+            raise ConfigError(
+                f"--output {self.output!r} is a folder; give a file such as predictions.csv, or end it with / for Parquet parts"
+            )
+        for flag, path in (("--output", self.output), ("--work-dir", self.work_dir or "")):
+            if is_uri(path):
+                raise ConfigError(f"{flag} {path!r}: give a local or shared-filesystem path, not a URI")
+        parent = os.path.dirname(os.path.abspath(self.output.rstrip("/" + os.sep)))
         while not os.path.exists(parent):  # the nearest existing ancestor must be a writable folder
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
@@ -415,7 +497,10 @@ class EvalConfig:
 
 
 def check_kaggle_folder(flag: str, folder: str, label_column: str | None = None) -> None:
-    """A folder with styles.csv (and, if given, that column in its header)."""
+    """A folder with styles.csv (and, if given, that column in its header). A URI is
+    checked when the data is read: that needs its filesystem, and credentials."""
+    if is_uri(folder):
+        return
     if not os.path.isdir(folder):
         raise ConfigError(f"{flag} {folder!r} is not a folder")
     styles = os.path.join(folder, "styles.csv")
@@ -437,6 +522,14 @@ def _one_of(cfg, name: str) -> None:
     if value not in choices:
         flag = meta["flag"] or "--" + name.replace("_", "-")
         raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _installed(module: str, flag: str, fix: str) -> None:
+    """`module` can be imported (found without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{flag} needs the {module} package, which is not installed ({fix})")
 
 
 def _positive(flag: str, value: int) -> None:

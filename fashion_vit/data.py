@@ -2,15 +2,17 @@
 and the Ray Datasets that feed training.
 
 Everything up to `to_ray_datasets` is plain pandas/numpy on the driver, so the split is
-deterministic and testable without Ray. The driver reads the (small, ~1.4 KB) image
-bytes itself and hands them to Ray, so no worker has to see the driver's disk.
+deterministic and testable without Ray. For a folder (local, or an s3:// or gs://
+prefix) the driver holds only each image's path: Ray tasks read and decode the images
+where they live, so the driver's memory does not grow with the dataset's bytes, and on a
+multi-node cluster the folder must be storage every node can read. The hub dataset
+arrives as bytes (its cache is an Arrow file) and is handed to Ray as such.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,7 +21,8 @@ import pandas as pd
 from PIL import Image
 
 from fashion_vit.config import MASTER_CATEGORIES, FashionVitError, TrainConfig
-from fashion_vit.transforms import decode_batch
+from fashion_vit.files import join, names_in, read_bytes
+from fashion_vit.transforms import decode_batch, image_bytes
 
 KAGGLE_COLUMNS = (
     "id",
@@ -41,12 +44,14 @@ class DataError(FashionVitError):
 
 @dataclass
 class LoadedData:
-    """Rows ready to split: `frame` has columns id, label (int index into `labels`), image (bytes)."""
+    """Rows ready to split: `frame` has columns id, label (int index into `labels`) and
+    image: the image's bytes (hub) or its path or URI (folder), as `image_bytes` takes."""
 
     frame: pd.DataFrame
     labels: list[str]
     source: str
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped
+    aux_labels: list[str] | None = None  # --aux-label: the finer label set of column aux
     repaired: int = 0  # styles.csv lines whose unquoted commas were rejoined
 
     def summary(self) -> str:
@@ -67,7 +72,7 @@ def load_data(cfg: TrainConfig, labels: list[str] | None = None) -> LoadedData:
         table, dropped, repaired, source = _kaggle_table(cfg.data_dir, cfg.label_column)
     else:
         table, dropped, repaired, source = (
-            _hub_table(cfg.dataset, cfg.label_column),
+            _hub_table(cfg.dataset, [cfg.label_column, *([cfg.aux_label] if cfg.aux_label else [])]),
             {},
             0,
             f"hub dataset {cfg.dataset}",
@@ -101,12 +106,21 @@ def load_data(cfg: TrainConfig, labels: list[str] | None = None) -> LoadedData:
         keep = stratified_sample(table["label"].to_numpy(), cfg.limit, cfg.seed)
         table = table.iloc[keep].reset_index(drop=True)
 
-    if "image" not in table:  # Kaggle folder: read the bytes of the rows we keep
-        table = table.assign(image=[_read_bytes(p) for p in table["path"]])
-    frame = table[["id", "label", "image"]]
+    if "image" not in table:  # Kaggle folder: where each image is; Ray tasks read it there
+        table = table.assign(image=table["path"])
+    aux_labels = None
+    if cfg.aux_label:
+        if cfg.aux_label not in table.columns:
+            raise DataError(f"--aux-label {cfg.aux_label!r} is not a column of {source}")
+        aux = table[cfg.aux_label].astype("string").str.strip().fillna("").replace("", "(none)")
+        aux_labels = sorted(aux.unique())
+        table = table.assign(aux=aux.map({name: i for i, name in enumerate(aux_labels)}).astype(np.int64))
+    frame = table[["id", "label", "image", *(["aux"] if cfg.aux_label else [])]]
     if frame.empty:
         raise DataError(f"no usable rows in {source}")
-    return LoadedData(frame=frame, labels=labels, source=source, dropped=dropped, repaired=repaired)
+    return LoadedData(
+        frame=frame, labels=labels, source=source, dropped=dropped, repaired=repaired, aux_labels=aux_labels
+    )
 
 
 def read_styles_csv(path: str) -> tuple[pd.DataFrame, int, int]:
@@ -116,7 +130,11 @@ def read_styles_csv(path: str) -> tuple[pd.DataFrame, int, int]:
     (productDisplayName): the extra fields are joined back, since only that column can
     hold them. Lines with fewer fields are skipped. Returns (table, repaired, skipped).
     """
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    try:
+        text = read_bytes(path).decode("utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({e.strerror or e})") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         try:
             header = [h.strip() for h in next(reader)]
@@ -140,7 +158,7 @@ def read_styles_csv(path: str) -> tuple[pd.DataFrame, int, int]:
 
 
 def _kaggle_table(data_dir: str, label_column: str) -> tuple[pd.DataFrame, dict[str, int], int, str]:
-    table, repaired, short = read_styles_csv(os.path.join(data_dir, "styles.csv"))
+    table, repaired, short = read_styles_csv(join(data_dir, "styles.csv"))
     if label_column not in table.columns:
         raise DataError(
             f"label column {label_column!r} is not in {data_dir}/styles.csv (columns: {', '.join(table.columns)})"
@@ -148,19 +166,19 @@ def _kaggle_table(data_dir: str, label_column: str) -> tuple[pd.DataFrame, dict[
     table = table.assign(id=table["id"].str.strip())
     bad_id = ~table["id"].str.fullmatch(r"\d+")
     table = table[~bad_id]
-    images_dir = os.path.join(data_dir, "images")
-    present = set(os.listdir(images_dir)) if os.path.isdir(images_dir) else set()
+    images_dir = join(data_dir, "images")
+    present = set(names_in(images_dir))
     has_image = table["id"].map(lambda i: f"{i}.jpg" in present)
     dropped = {"malformed line": short + int(bad_id.sum()), "image file missing": int((~has_image).sum())}
     table = table[has_image]
     table = table.assign(
-        path=[os.path.join(images_dir, f"{i}.jpg") for i in table["id"]],
+        path=[join(images_dir, f"{i}.jpg") for i in table["id"]],
         id=table["id"].astype(np.int64),
     )
     return table, dropped, repaired, f"folder {data_dir}"
 
 
-def _hub_table(dataset: str, label_column: str) -> pd.DataFrame:
+def _hub_table(dataset: str, columns: list[str]) -> pd.DataFrame:
     import datasets
 
     try:
@@ -172,17 +190,13 @@ def _hub_table(dataset: str, label_column: str) -> pd.DataFrame:
             "Without network access, pass --data-dir DIR with a local copy in the Kaggle layout "
             "(styles.csv + images/<id>.jpg)."
         ) from None
-    if label_column not in ds.column_names:
-        raise DataError(f"label column {label_column!r} is not in {dataset} (columns: {', '.join(ds.column_names)})")
+    for column in columns:
+        if column not in ds.column_names:
+            raise DataError(f"label column {column!r} is not in {dataset} (columns: {', '.join(ds.column_names)})")
     # Keep the JPEG bytes as they are: decoding happens once, in Ray tasks.
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    table = ds.select_columns(["id", label_column, "image"]).to_pandas()
+    table = ds.select_columns(["id", *columns, "image"]).to_pandas()
     return table.assign(image=[d["bytes"] if isinstance(d, dict) else d for d in table["image"]])
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -217,12 +231,13 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
 
 
 def infer_source_size(images: pd.Series, image_size: int, sample: int = 256) -> tuple[int, int]:
-    """The (height, width) to keep decoded images at: the most common size in the data,
-    scaled down to fit `image_size` (never store more pixels than the model will see)."""
+    """The (height, width) to keep decoded images at: the most common size in a sample
+    of the data, scaled down to fit `image_size` (never store more pixels than the model
+    will see). `images`: what `image_bytes` takes."""
     sizes = Counter()
-    for data in images.iloc[:: max(1, len(images) // sample)][:sample]:
+    for item in images.iloc[:: max(1, len(images) // sample)][:sample]:
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(image_bytes(item))) as img:
                 sizes[(img.height, img.width)] += 1
         except Exception:
             continue
@@ -231,6 +246,25 @@ def infer_source_size(images: pd.Series, image_size: int, sample: int = 256) -> 
     h, w = sizes.most_common(1)[0][0]
     scale = min(1.0, image_size / max(h, w))
     return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+MAX_REPEAT = 100
+
+
+def oversample(rows: np.ndarray, labels: np.ndarray, mode: str, seed: int) -> np.ndarray:
+    """The training rows of one epoch for --sampling: each row of a class with n rows
+    repeated (n_max / n) ** p times (p = 1/2 for "sqrt", 1 for "balanced"; at most
+    MAX_REPEAT), in a seeded random order so that the copies of an image are spread over
+    the epoch instead of sitting in one batch. "none": the rows as they are."""
+    if mode == "none":
+        return rows
+    counts = np.bincount(labels[rows])
+    present = counts > 0
+    power = 0.5 if mode == "sqrt" else 1.0
+    factor = np.ones(len(counts), dtype=np.int64)
+    factor[present] = np.clip(np.round((counts.max() / counts[present]) ** power), 1, MAX_REPEAT).astype(np.int64)
+    repeated = np.repeat(rows, factor[labels[rows]])
+    return np.random.default_rng(seed).permutation(repeated)
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
@@ -243,18 +277,39 @@ def to_ray_datasets(
     """One materialised Ray Dataset per split, columns image (uint8 H,W,3) and label,
     and the number of rows dropped because their image did not decode.
 
-    Materialising decodes every image exactly once; each epoch then streams uint8
-    arrays from the object store (~14 KB per 60x80 image).
+    Materialising reads and decodes every image exactly once, in Ray tasks; each epoch
+    then streams uint8 arrays from the object store (~14 KB per 60x80 image). An image a
+    worker cannot read at all (as opposed to one that does not decode) stops the job
+    with one line: it is almost always a folder the worker's node cannot see.
     """
     import ray
 
     out, undecodable = {}, 0
     for name, idx in splits.items():
-        part = frame.iloc[idx][["image", "label"]]
+        part = frame.iloc[idx][[c for c in ("image", "label", "aux") if c in frame]]
         # Several blocks so decoding runs in parallel tasks and shards split evenly.
         n_blocks = max(1, min(len(part) // 256, 64))
         chunks = [c for c in np.array_split(np.arange(len(part)), n_blocks) if len(c)]
         ds = ray.data.from_pandas([part.iloc[c].reset_index(drop=True) for c in chunks])
-        out[name] = ds.map_batches(decode_batch, fn_kwargs={"source_size": source_size}, batch_size=256).materialize()
+        ds = ds.map_batches(decode_batch, fn_kwargs={"source_size": source_size}, batch_size=256)
+        try:
+            out[name] = ds.materialize()
+        except Exception as e:
+            unreadable = _unreadable(e)
+            if unreadable is None:
+                raise
+            raise DataError(
+                f"a Ray worker could not read {unreadable}: on a multi-node cluster the training images must be "
+                "on storage every node can read (a shared filesystem, or an s3:// or gs:// --data-dir)"
+            ) from None
         undecodable += len(part) - out[name].count()
     return out, undecodable
+
+
+def _unreadable(error: BaseException) -> str | None:
+    """What an UnreadableImage raised in a Ray task said, from the error Ray Data raises
+    here (it wraps the task's error; the original lives on in its text)."""
+    import re
+
+    match = re.search(r"UnreadableImage: (.*)", str(error))
+    return match.group(1).strip() if match else None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 
 def is_uri(path: str) -> bool:
@@ -42,6 +44,15 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def names_in(path: str) -> list[str]:
+    """Names of the files directly under `path` (local or URI); [] if it is missing."""
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    return [i.base_name for i in infos if i.type == pafs.FileType.File]
+
+
 def subfolders(path: str) -> list[str]:
     """Names of the folders directly under `path` (local or URI), sorted; [] if it is missing."""
     import pyarrow.fs as pafs
@@ -52,6 +63,58 @@ def subfolders(path: str) -> list[str]:
     except OSError:
         return []
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+LISTING_THREADS = 16  # folders listed at once: listing is I/O (a syscall or an object-store request per folder)
+
+
+def walk_files(root: str):
+    """Every file under `root` (a folder or a URI prefix), recursively, as paths in the
+    form `root` was given (relative stays relative; URIs keep their scheme). A generator:
+    nothing is held beyond the folders being listed, so a million files cost no more
+    memory than a thousand. Folders are listed in parallel threads, the same way for a
+    local disk, s3:// and gs://; the order of the files is not defined.
+
+    Raises FileNotFoundError if root is not a folder. Symlinked folders are not followed
+    (a link loop would never end); symlinked files are listed."""
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(root)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        raise FileNotFoundError(root)
+    base = base.rstrip("/") or "/"
+    prefix = root.rstrip("/") if root.rstrip("/") else root
+
+    def as_given(inner: str) -> str:
+        return prefix + inner[len(base) :] if base != "/" else prefix.rstrip("/") + inner
+
+    def list_dir(folder: str):
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        files = [i.path for i in infos if i.type == pafs.FileType.File]
+        dirs = [i.path for i in infos if i.type == pafs.FileType.Directory and not _is_link(fs, i.path)]
+        return files, dirs
+
+    # At most 2 x LISTING_THREADS folders listed ahead of the consumer: without the bound
+    # every folder's listing lands in memory before the first is consumed (seen: +165 MB
+    # of driver RSS for 200,000 files).
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        todo, pending = deque([base]), set()
+        while todo or pending:
+            while todo and len(pending) < 2 * LISTING_THREADS:
+                pending.add(pool.submit(list_dir, todo.popleft()))
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                files, dirs = future.result()
+                todo.extend(dirs)
+                for f in files:
+                    yield as_given(f)
+
+
+def _is_link(fs, path: str) -> bool:
+    # pyarrow reports a symlinked folder as a folder; only a local one can be a link.
+    import pyarrow.fs as pafs
+
+    return isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path)
 
 
 @contextlib.contextmanager

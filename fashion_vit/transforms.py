@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from fashion_vit.files import read_bytes
+
 # PIL refuses files over ~179 Mpx by default as decompression bombs; a catalogue
 # crawl can hold huge scans, and we only ever read a reduced draft of them.
 Image.MAX_IMAGE_PIXELS = 400_000_000
@@ -99,6 +101,18 @@ def _short_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}"[:200]
 
 
+UNREADABLE = "unreadable"  # how an error reason starts when the file itself could not be read
+
+
+class UnreadableImage(OSError):
+    """A training image that could not be read at all (missing, no permission, I/O)."""
+
+
+def image_bytes(item) -> bytes:
+    """An image's bytes from what a data frame holds: the bytes, or a path or URI to read."""
+    return item if isinstance(item, bytes | bytearray) else read_bytes(item)
+
+
 def decode_images(items, source_size: tuple[int, int], read=None) -> tuple[np.ndarray, np.ndarray]:
     """Decode many images, one failure never stopping the rest: the one place that does.
 
@@ -114,8 +128,8 @@ def decode_images(items, source_size: tuple[int, int], read=None) -> tuple[np.nd
             images[i] = decode_image(read(item) if read else item, source_size)
         except ValueError as e:
             errors[i] = str(e)
-        except OSError as e:  # unreadable: permissions, vanished, I/O error
-            errors[i] = f"unreadable: {e.strerror or type(e).__name__}"
+        except OSError as e:  # permissions, vanished, I/O error
+            errors[i] = f"{UNREADABLE}: {e.strerror or type(e).__name__}"
     return images, errors
 
 
@@ -123,11 +137,18 @@ def decode_batch(batch: dict[str, np.ndarray], source_size: tuple[int, int]) -> 
     """Ray Data batch function for labelled training data: column `image` bytes -> uint8 array.
 
     Rows whose bytes do not decode are dropped (the caller counts them): one corrupt
-    file should not end a training run.
+    file should not end a training run. A file that cannot be read at all raises
+    UnreadableImage naming it.
     """
-    images, errors = decode_images(batch["image"], source_size)
+    images, errors = decode_images(batch["image"], source_size, read=image_bytes)
+    for item, error in zip(batch["image"], errors, strict=True):
+        if error.startswith(UNREADABLE):
+            raise UnreadableImage(f"{item} ({error.removeprefix(UNREADABLE + ': ')})")
     ok = errors == ""
-    return {"image": images[ok], "label": np.asarray(batch["label"], dtype=np.int64)[ok]}
+    out = {"image": images[ok], "label": np.asarray(batch["label"], dtype=np.int64)[ok]}
+    if "aux" in batch:  # --aux-label's finer label
+        out["aux"] = np.asarray(batch["aux"], dtype=np.int64)[ok]
+    return out
 
 
 def preprocess(

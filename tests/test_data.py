@@ -7,6 +7,7 @@ import pytest
 
 from fashion_vit.config import MASTER_CATEGORIES, ConfigError, TrainConfig
 from fashion_vit.data import DataError, load_data, read_styles_csv, stratified_sample, stratified_split
+from fashion_vit.transforms import image_bytes
 from tests.conftest import run_script
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
@@ -58,8 +59,11 @@ def test_load_data_drops_and_counts_unusable_rows(quirky_folder):
     assert data.dropped["no label"] == 1
     assert sum(v for k, v in data.dropped.items() if k.startswith("label outside")) == 1
     assert int(repaired_row[0]) in set(data.frame["id"])
-    # bytes of the real JPEG, not a path
-    assert all(isinstance(b, bytes) and b[:2] == b"\xff\xd8" for b in data.frame["image"])
+    # Where each image is, not its bytes: Ray tasks read them, the driver never holds them.
+    assert all(
+        p == str(folder / "images" / f"{i}.jpg") for i, p in zip(data.frame["id"], data.frame["image"], strict=True)
+    )
+    assert all(image_bytes(p)[:2] == b"\xff\xd8" for p in data.frame["image"])
     assert "Home" in data.summary() and "repaired" in data.summary()
 
 
@@ -155,3 +159,45 @@ def test_load_data_unknown_label_column_is_a_data_error(quirky_folder):
     folder, _ = quirky_folder
     with pytest.raises(DataError, match="colour"):
         load_data(TrainConfig(data_dir=str(folder), label_column="colour"))
+
+
+@pytest.mark.slow
+def test_an_image_no_worker_can_read_stops_training_in_one_line(quirky_folder, ray_session, tmp_path):
+    """What a node that cannot see --data-dir meets: the driver listed the image, the Ray
+    task reading it cannot open it."""
+    import numpy as np
+
+    from fashion_vit.data import to_ray_datasets
+
+    folder, _ = quirky_folder
+    data = load_data(TrainConfig(data_dir=str(folder)))
+    frame = data.frame.copy()
+    frame.loc[3, "image"] = str(tmp_path / "elsewhere" / "123.jpg")  # on no disk this worker sees
+    splits = {"train": np.arange(len(frame))}
+    with pytest.raises(DataError, match=r"a Ray worker could not read .*elsewhere/123.jpg \(No such file or directory\): "
+                       r"on a multi-node cluster the training images must be on storage every node can read"):  # fmt: skip
+        to_ray_datasets(frame, splits, (80, 60))
+    # A corrupt but readable image is still only skipped and counted.
+    (tmp_path / "corrupt.jpg").write_bytes(b"not a jpeg")
+    frame.loc[3, "image"] = str(tmp_path / "corrupt.jpg")
+    datasets, undecodable = to_ray_datasets(frame, splits, (80, 60))
+    assert undecodable == 1 and datasets["train"].count() == len(frame) - 1
+
+
+def test_oversampling_repeats_rare_classes_spread_over_the_epoch():
+    import numpy as np
+
+    from fashion_vit.data import oversample
+
+    labels = np.array([0] * 400 + [1] * 100 + [2] * 4)
+    rows = np.arange(len(labels))
+    assert oversample(rows, labels, "none", 0) is rows
+    epoch = oversample(rows, labels, "sqrt", 0)
+    assert np.bincount(labels[epoch]).tolist() == [400, 200, 40]  # x1, x2, x10
+    assert sorted(set(epoch.tolist())) == rows.tolist()  # every row, none invented
+    balanced = oversample(rows, labels, "balanced", 0)
+    assert np.bincount(labels[balanced]).tolist() == [400, 400, 400]
+    # Copies are spread: the 10 copies of a rare image do not sit next to each other.
+    where = np.flatnonzero(epoch == 502)
+    assert len(where) == 10 and np.diff(where).min() > 1
+    assert np.array_equal(epoch, oversample(rows, labels, "sqrt", 0))  # seeded

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fashion_vit.model import load_checkpoint
-from fashion_vit.predict import PredictError, _write_csv, list_images
+from fashion_vit.predict import PredictError, list_images
 from fashion_vit.transforms import decode_image, preprocess
 from tests.conftest import Exploit, run_script
 
@@ -77,8 +77,10 @@ def test_every_image_named_file_gets_exactly_one_row(trained, messy_tree, tmp_pa
     for name, reason in bad.items():
         r = by_name[name]
         assert reason in r["error"] and r["predicted_category"] == "" and r["confidence"] == ""
-    assert list_images([str(root)])[1] == 2  # notes.txt, styles.csv
-    assert not [p for p in os.listdir(out.parent) if p != "pred.csv"]  # no temp files left
+    # notes.txt and styles.csv are not images: counted, listed beside the output, not predicted.
+    ignored = (out.parent / "pred.csv.ignored.txt").read_text().split()
+    assert sorted(os.path.basename(p) for p in ignored) == ["notes.txt", "styles.csv"]
+    assert sorted(os.listdir(out.parent)) == ["pred.csv", "pred.csv.ignored.txt"]  # no work folder or temp file left
 
 
 @pytest.mark.slow
@@ -173,32 +175,36 @@ def test_bad_input_gives_one_line_and_non_zero_exit(case, code, message, tmp_pat
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-class _FailingDataset:
-    """Yields one batch, then fails the way a lost cluster would."""
+def test_an_interrupted_merge_keeps_the_previous_output(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    def iter_batches(self, **_):
-        yield {
-            "path": np.array(["a.jpg"], dtype=object),
-            "predicted_category": np.array(["Apparel"], dtype=object),
-            "confidence": np.array([0.9]),
-            "error": np.array([""], dtype=object),
-        }
-        raise RuntimeError("cluster lost")
+    from fashion_vit import outputs
 
-
-def test_an_interrupted_write_keeps_the_previous_csv(tmp_path):
+    shard = tmp_path / "shard.parquet"
+    cols = outputs.columns(0)
+    pq.write_table(pa.table({"path": ["b.jpg", "a.jpg"], "predicted_category": ["Apparel"] * 2,
+                             "confidence": [0.5, 0.9], "error": ["", ""]}), shard)  # fmt: skip
     out = tmp_path / "pred.csv"
     out.write_text("previous complete output\n")
-    with pytest.raises(RuntimeError):
-        _write_csv(_FailingDataset(), str(out), ["path", "predicted_category", "confidence", "error"])
+
+    def failing_rows(path, cols):
+        yield ("a.jpg", "Apparel", 0.9, "")
+        raise OSError("disk lost")
+
+    monkeypatch.setattr(outputs, "_rows", failing_rows)
+    with pytest.raises(OSError):
+        outputs.merge_shards([str(shard)], str(tmp_path / "runs"), str(out), cols)
     assert out.read_text() == "previous complete output\n"
-    assert os.listdir(tmp_path) == ["pred.csv"]
+    assert sorted(os.listdir(tmp_path)) == ["pred.csv", "runs", "shard.parquet"]
 
 
 def test_listing_recognises_extensions_in_any_case(tmp_path):
     for name in ("a.JPG", "b.Jpeg", "c.png", "d.TIFF", "e.tif", "f.bmp", "g.gif", "h.webp", "i.txt", "j"):
         (tmp_path / name).write_bytes(b"x")
-    paths, ignored = list_images([str(tmp_path)])
+    listed = list(list_images([str(tmp_path)]))
+    paths = sorted(p for p, is_image in listed if is_image)
+    ignored = sum(not is_image for _, is_image in listed)
     assert [os.path.basename(p) for p in paths] == [
         "a.JPG",
         "b.Jpeg",
@@ -211,7 +217,7 @@ def test_listing_recognises_extensions_in_any_case(tmp_path):
     ]
     assert ignored == 2
     with pytest.raises(PredictError):
-        list_images([str(tmp_path / "missing")])
+        list(list_images([str(tmp_path / "missing")]))
 
 
 @pytest.mark.slow

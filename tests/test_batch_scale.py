@@ -1,0 +1,266 @@
+"""Batch inference at catalogue scale: listing, resuming a run whose driver was killed,
+progress on stderr, Parquet output, and the merge of shards into one sorted file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fashion_vit import outputs
+from fashion_vit.files import walk_files
+from fashion_vit.predict import input_roots
+from fashion_vit.progress import Progress
+from tests.conftest import ROOT, run_script
+
+PROGRESS_LINE = re.compile(r"^(\d+)/(\d+) files \([\d.]+%\), \d+ images/s, (\S+ left|time left unknown)$")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- listing and merging, without Ray -------------------------------------------------------
+
+
+def test_walk_files_lists_nested_folders_once_without_following_folder_links(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("x.jpg", "a/y.JPG", "a/b/z.png", "a/notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a link loop would never end
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "x.jpg")  # a linked file is a file
+    expected = ["a/b/z.png", "a/notes.txt", "a/y.JPG", "link.jpg", "x.jpg"]
+    assert sorted(os.path.relpath(p, tmp_path) for p in walk_files(str(tmp_path))) == expected
+    # The same through a URI, the way s3:// and gs:// prefixes are listed.
+    uri = f"file://{tmp_path}"
+    assert sorted(p[len(uri) + 1 :] for p in walk_files(uri)) == expected
+    assert all(p.startswith(uri + "/") for p in walk_files(uri))
+    with pytest.raises(FileNotFoundError):
+        list(walk_files(str(tmp_path / "missing")))
+
+
+def test_nested_and_repeated_inputs_are_listed_once(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    a, b = str(tmp_path / "a"), str(tmp_path / "a" / "b")
+    assert input_roots([b, a, a + "/", str(tmp_path / "ab")]) == [a, str(tmp_path / "ab")]
+
+
+def _shard(path, paths, errors=None):
+    n = len(paths)
+    table = pa.table({
+        "path": paths,
+        "predicted_category": ["" if e else "Apparel" for e in (errors or [""] * n)],
+        "confidence": [float("nan") if e else 0.5 + i / 1000 for i, e in enumerate(errors or [""] * n)],
+        "error": errors or [""] * n,
+    })  # fmt: skip
+    pq.write_table(table, path)
+
+
+def test_merge_sorts_across_shards_with_bounded_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "RUN_ROWS", 3)  # several sorted runs, merged lazily
+    monkeypatch.setattr(outputs, "READ_ROWS", 2)
+    _shard(tmp_path / "s1.parquet", ["d.jpg", "a.jpg"])
+    _shard(tmp_path / "s2.parquet", ["c.jpg", "f.jpg", "b.jpg"], errors=["", "not an image", ""])
+    _shard(tmp_path / "s3.parquet", ["e.jpg"])
+    shards = sorted(str(p) for p in tmp_path.glob("s*.parquet"))
+    rows, failed = outputs.merge_shards(shards, str(tmp_path / "runs"), str(tmp_path / "out.csv"), outputs.columns(0))
+    assert (rows, failed) == (6, 1) and len(list((tmp_path / "runs").iterdir())) == 3
+    out = read_csv(tmp_path / "out.csv")
+    assert [r["path"] for r in out] == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"]
+    assert out[5]["error"] == "not an image" and out[5]["confidence"] == "" and out[5]["predicted_category"] == ""
+    assert out[0]["confidence"] == "0.501000"
+
+    monkeypatch.setattr(outputs, "PART_ROWS", 4)
+    outputs.merge_shards(shards, str(tmp_path / "runs2"), str(tmp_path / "parts.parquet") + "/", outputs.columns(0))
+    parts = sorted((tmp_path / "parts.parquet").iterdir())
+    assert [pq.read_metadata(p).num_rows for p in parts] == [4, 2]
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    assert table["path"].to_pylist() == [r["path"] for r in out]
+    assert table["confidence"].to_pylist()[5] is None
+
+
+def test_progress_lines_plain_off_a_terminal_and_a_bar_on_one():
+    class Stream(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    plain = Progress(lambda: 0, total=1000, before=200, stream=Stream(False))
+    assert PROGRESS_LINE.match(plain.line(done=300, elapsed=10.0))
+    assert plain.line(done=300, elapsed=10.0) == "500/1000 files (50.0%), 30 images/s, 16s left"
+    assert plain.line(done=0, elapsed=1.0).endswith("time left unknown")
+    tty = Progress(lambda: 0, total=1000, stream=Stream(True))
+    assert tty.line(done=500, elapsed=10.0).startswith("[############............] 500/1000")
+    stream = Stream(True)
+    with Progress(lambda: 1000, total=1000, stream=stream):
+        pass
+    drawn = stream.getvalue()
+    assert drawn.startswith("\r\x1b[K[########################] 1000/1000 files (100.0%)") and drawn.endswith(
+        "0s left\n"
+    )
+    quiet = Stream(False)
+    with Progress(lambda: 10, total=10, stream=quiet, quiet=True):
+        time.sleep(0.6)
+    assert quiet.getvalue() == ""
+
+
+# --- the real job: kill, resume, Parquet -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory):
+    """A random ViT-tiny at 128 px (64 patches): slow enough on 2 cores (~100 images/s)
+    that a run of a few thousand files can be killed in the middle."""
+    import torch
+
+    from fashion_vit.config import MASTER_CATEGORIES, TrainConfig
+    from fashion_vit.model import create_model, save_checkpoint
+    from fashion_vit.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    model, (mean, std) = create_model(
+        TrainConfig(from_scratch=True, vit_size="tiny", image_size=128), list(MASTER_CATEGORIES)
+    )
+    path = tmp_path_factory.mktemp("slow-model") / "vit_model.pth"
+    save_checkpoint(str(path), model, Preprocessing(128, (80, 60), mean, std), {}, {})
+    return path
+
+
+@pytest.fixture(scope="module")
+def crawl(shared_data, tmp_path_factory):
+    """3,000 real images in nested folders, one broken file and one non-image."""
+    root = tmp_path_factory.mktemp("crawl")
+    images = sorted((shared_data / "images").iterdir())[:3000]
+    for i, src in enumerate(images):
+        folder = root / f"d{i % 7}" / f"e{i % 5}"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.symlink(src, folder / src.name)
+    (root / "d0" / "broken.jpg").write_bytes(images[0].read_bytes()[:200])
+    (root / "d1" / "readme.txt").write_text("not an image")
+    return root
+
+
+def job_env(tmp_path) -> dict:
+    """Its own local Ray, in its own temp folder, so that its leftovers can be found.
+    Short, under the session's fresh one: Ray's socket paths must stay under 107 bytes."""
+    temp = tempfile.mkdtemp(prefix="j", dir=os.environ["RAY_TMPDIR"])
+    return dict(os.environ, RAY_ADDRESS="local", RAY_TMPDIR=temp)
+
+
+def predict(crawl, model, out, tmp_path, *extra):
+    args = ["--input", str(crawl), "--model", str(model), "--output", str(out), "--batch-size", "32", *extra]
+    return run_script("jobs/batch_predict.py", *args, env=job_env(tmp_path), timeout=900)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(crawl, slow_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    proc = predict(crawl, slow_model, tmp / "pred.csv", tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "pred.csv", proc
+
+
+@pytest.mark.slow
+def test_progress_goes_to_stderr_as_plain_lines_off_a_terminal(uninterrupted):
+    _, proc = uninterrupted
+    lines = [line for line in proc.stderr.splitlines() if PROGRESS_LINE.match(line)]
+    assert len(lines) >= 2 and PROGRESS_LINE.match(lines[-1]).group(1) == "3001"
+    assert "\r" not in proc.stderr and "[#" not in proc.stderr
+    assert (
+        "predicted 3000 images" in proc.stdout and "1 files failed" in proc.stdout and "1 files ignored" in proc.stdout
+    )
+
+
+def _wait_for(condition, proc, timeout=600):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, "the job ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
+def _still_running(marker: str) -> bool:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+@pytest.mark.slow
+def test_a_killed_driver_is_resumed_redoing_only_unfinished_work(crawl, slow_model, uninterrupted, tmp_path):
+    out = tmp_path / "pred.csv"
+    checkpoint = Path(str(out) + ".partial") / "checkpoint"
+    args = ["--input", str(crawl), "--model", str(slow_model), "--output", str(out), "--batch-size", "32"]
+    env = job_env(tmp_path)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "jobs/batch_predict.py", *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            committed = lambda: (
+                checkpoint.is_dir()
+                and any(p.suffix == ".parquet" and ".pending" not in p.name for p in checkpoint.iterdir())
+            )
+            _wait_for(committed, proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and what it started: a lost machine
+            proc.wait()
+    deadline = time.time() + 60  # Ray's workers notice their raylet is gone within seconds
+    while _still_running(env["RAY_TMPDIR"]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not out.exists()
+
+    # Without --resume the partial run is refused, not mixed in or thrown away.
+    refused = run_script("jobs/batch_predict.py", *args, env=env)
+    assert refused.returncode == 2 and "--resume" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+    resumed = run_script("jobs/batch_predict.py", *args, "--resume", env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    before, now = map(
+        int, re.search(r"resumed: (\d+) files were done by the interrupted run, (\d+) now", resumed.stdout).groups()
+    )
+    assert before >= 32 and before + now == 3001 and now < 3001  # less work than a whole run
+
+    # The same file an uninterrupted run writes, row for row. (Confidences are compared to
+    # 2e-6: batches are grouped differently after a resume, and a CPU matmul's last bits
+    # can depend on the batch.)
+    expected, got = read_csv(uninterrupted[0]), read_csv(out)
+    assert [r["path"] for r in got] == [r["path"] for r in expected] and len(got) == 3001
+    for g, e in zip(got, expected, strict=True):
+        assert (g["predicted_category"], g["error"]) == (e["predicted_category"], e["error"])
+        assert g["confidence"] == e["confidence"] or abs(float(g["confidence"]) - float(e["confidence"])) <= 2e-6
+    assert not Path(str(out) + ".partial").exists()
+
+
+@pytest.mark.slow
+def test_parquet_output_holds_what_the_csv_holds(crawl, slow_model, uninterrupted, tmp_path):
+    out = tmp_path / "pred.parquet"
+    proc = predict(crawl, slow_model, out, tmp_path, "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [line for line in proc.stderr.splitlines() if PROGRESS_LINE.match(line)]  # --quiet
+    table = pq.read_table(out)
+    assert table.column_names == ["path", "predicted_category", "confidence", "error"]
+    expected = read_csv(uninterrupted[0])
+    assert table["path"].to_pylist() == [r["path"] for r in expected]
+    assert table["predicted_category"].to_pylist() == [r["predicted_category"] for r in expected]
+    assert table["error"].to_pylist() == [r["error"] for r in expected]
+    for got, e in zip(table["confidence"].to_pylist(), expected, strict=True):
+        assert (got is None) == (e["confidence"] == "") and (got is None or abs(got - float(e["confidence"])) <= 2e-6)
