@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fashion_vit.config import EvalConfig
-from fashion_vit.metrics import classification_report, confusion_matrix, format_report
+from fashion_vit.metrics import confusion_matrix, format_report, honest_report
 from fashion_vit.model import ModelError, SavedModel, load_checkpoint
-from fashion_vit.transforms import decode_images
+from fashion_vit.transforms import decode_images, image_bytes
 
 
 @dataclass
@@ -59,7 +59,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
         frame = data.frame.iloc[idx[split]]
     log(f"scoring {len(frame)} images ({split} of {data.source})")
     scored = score(saved, frame)
-    report = classification_report(confusion_matrix(scored.y_true, scored.y_pred, len(saved.labels)), saved.labels)
+    report = honest_report(confusion_matrix(scored.y_true, scored.y_pred, len(saved.labels)), saved.labels)
     info = {
         "source": data.source,
         "split": split,
@@ -85,7 +85,7 @@ def score(saved: SavedModel, frame, batch_size: int = 256) -> Scored:
     from fashion_vit.predict import Predictor
 
     predictor = Predictor(saved)
-    images, errors = decode_images(frame["image"].tolist(), saved.preprocessing.source_size)
+    images, errors = decode_images(frame["image"].tolist(), saved.preprocessing.source_size, read=image_bytes)
     ok = errors == ""
     images = images[ok]
     label_index = {name: i for i, name in enumerate(saved.labels)}
@@ -110,4 +110,4 @@ def score_test_split(saved: SavedModel, test_ds) -> dict:
     from fashion_vit.predict import predict_labelled
 
     y_true, y_pred = predict_labelled(saved, test_ds)
-    return classification_report(confusion_matrix(y_true, y_pred, len(saved.labels)), saved.labels)
+    return honest_report(confusion_matrix(y_true, y_pred, len(saved.labels)), saved.labels)

@@ -21,7 +21,7 @@ from fashion_vit.files import atomic_open
 from fashion_vit.transforms import Preprocessing
 
 FORMAT = "fashion-vit/1"
-# (hidden size, attention heads); all sizes use 12 layers, MLP 4x hidden, 16x16 patches,
+# (hidden size, attention heads); all sizes use 12 layers and an MLP 4x hidden (patches: --patch-size),
 # the DeiT tiny/small and ViT base shapes.
 VIT_DIMS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 # ViT's own default; google/vit-base-patch16-224-in21k uses the same.
@@ -54,7 +54,7 @@ def create_model(cfg: TrainConfig, labels: list[str], init: SavedModel | None = 
             num_hidden_layers=12,
             intermediate_size=4 * hidden,
             image_size=cfg.image_size,
-            patch_size=16,
+            patch_size=cfg.patch_size,
             num_labels=len(labels),
             id2label=id2label,
             label2id=label2id,

@@ -6,7 +6,7 @@ Shaped like Ray's Train-in-Tune guide: Tune drives a function trainable
 (`train_driver_fn`) that builds the TorchTrainer and forwards its reports to Tune
 through `TuneReportCallback`. `run` reads as its phases: name the experiment, prepare
 the data, start Ray, size the workers to the cluster, tune, pick the best checkpoint,
-export and summarise.
+export and summarise (and, with --mlflow-uri, log the export to the best trial's run).
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from fashion_vit.data import (
     class_counts,
     infer_source_size,
     load_data,
+    oversample,
     stratified_split,
     to_ray_datasets,
 )
 from fashion_vit.evaluate import score_test_split
-from fashion_vit.files import absolute, atomic_open, join, subfolders
+from fashion_vit.files import absolute, atomic_open, is_uri, join, subfolders
 from fashion_vit.metrics import format_report
 from fashion_vit.model import ModelError, SavedModel, create_model, read_checkpoint
-from fashion_vit.report import plot_learning_curves, write_model_card
+from fashion_vit.report import plot_learning_curves, plot_search, write_model_card
 from fashion_vit.train import MODEL_FILE, train_loop_per_worker
 from fashion_vit.transforms import Preprocessing
 
@@ -53,7 +54,8 @@ class TuneOutcome:
     def summary(self) -> str:
         best = self.best
         return (
-            f"best trial {best['trial_id']} (epoch {best['epoch']}): val_accuracy {best['val'][METRIC]:.4f}, "
+            f"best trial {best['trial_id']} (trial {best['trial_number']} of {len(self.trials)}, epoch {best['epoch']}): "
+            f"val_accuracy {best['val'][METRIC]:.4f}, "
             f"test accuracy {best['test']['accuracy']:.4f}, test macro-F1 {best['test']['macro_f1']:.4f}\n"
             f"model: {self.model_path}\nsummary: {self.summary_path}\n"
             "time: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}s" for k, v in self.timings.items())
@@ -66,6 +68,7 @@ class Prepared:
 
     data: LoadedData
     splits: dict[str, np.ndarray]  # split name -> row indices into data.frame
+    epoch: np.ndarray  # the training rows of one epoch: splits["train"], oversampled with --sampling
     split_counts: dict[str, list[int]]  # split name -> images per class
     prep: Preprocessing  # decoding size and normalisation; image_size is the baseline's
     init: SavedModel | None  # --init-from
@@ -87,7 +90,8 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     timings["ray_start_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    datasets, undecodable = to_ray_datasets(prepared.data.frame, prepared.splits, prepared.prep.source_size)
+    epoch_splits = {**prepared.splits, "train": prepared.epoch}
+    datasets, undecodable = to_ray_datasets(prepared.data.frame, epoch_splits, prepared.prep.source_size)
     if undecodable:
         log(f"{undecodable} images skipped: they did not decode")
     test_ds = datasets.pop("test")
@@ -97,7 +101,9 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     t = time.perf_counter()
     results = build_tuner(cfg, prepared, datasets, storage).fit()
     timings["tune_s"] = time.perf_counter() - t
-    trials = [_trial_summary(r) for r in results]
+    trials = summarise_trials(results)
+    if cfg.search == "optuna":
+        _add_searcher_notes(trials, join(storage, cfg.name), log)
 
     t = time.perf_counter()
     best_trial, best_row, saved = pick_best(trials, _read_remote_checkpoint)
@@ -108,13 +114,23 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
 
     best = {
         "trial_id": best_trial["trial_id"],
+        "trial_number": best_trial["trial_number"],  # how far into the search it was found
         "epoch": best_row["epoch"],
         "config": best_trial["config"],
         "val": {k: best_row[k] for k in (METRIC, "val_macro_f1", "val_loss")},
         "test": saved.metrics["test"],
         "checkpoint": best_row[CHECKPOINT_PATH],
     }
-    summary_path = write_summary(cfg, prepared, undecodable, saved, best, trials, timings, join(storage, cfg.name))
+    if cfg.mlflow_uri:
+        from fashion_vit.tracking import trial_run_id
+
+        best["mlflow_run_id"] = trial_run_id(cfg.mlflow_uri, cfg.mlflow_experiment, cfg.name, best["trial_id"])
+    space = describe_space(search_space(cfg)) if cfg.search != "none" else {}
+    summary_path = write_summary(
+        cfg, prepared, undecodable, saved, best, trials, timings, join(storage, cfg.name), space
+    )
+    if cfg.mlflow_uri:
+        log_to_mlflow(cfg, best, model_path, log)
     log(format_report(best["test"]))
     return TuneOutcome(model_path=model_path, summary_path=summary_path, best=best, trials=trials, timings=timings)
 
@@ -167,6 +183,7 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
     return Prepared(
         data=data,
         splits=splits,
+        epoch=oversample(splits["train"], labels, cfg.sampling, cfg.seed),
         split_counts={k: class_counts(labels[v], len(data.labels)) for k, v in splits.items()},
         prep=Preprocessing(image_size=cfg.image_size, source_size=source_size, mean=tuple(mean), std=tuple(std)),
         init=init,
@@ -223,35 +240,55 @@ def trials_that_fit(cfg: TrainConfig, nodes: list[Node]) -> int:
 
 
 def search_space(cfg: TrainConfig) -> dict:
-    """What `--search asha` samples, centred on the trial's recipe; batch size moves the
-    step count, so it is searched on a small grid. Anything not searched stays at the
-    baseline's value."""
+    """What `--search` samples (asha at random, optuna by TPE), centred on the trial's
+    recipe; batch size moves the step count, so it is searched on a small grid. Every
+    choice holds the baseline's own value, so the baseline is a point of the space (as
+    Optuna requires of its first trial). Anything not searched stays at the baseline's
+    value."""
     from ray import tune
 
     space = baseline(cfg)
+    choice = lambda name, values: tune.choice(values if space[name] in values else [space[name], *values])
     if cfg.recipe == "scratch":
         # Random weights: the rate matters within a factor of a few, and what fights
         # overfitting (decay, smoothing, crops) and the imbalance is worth trying.
         space.update(
             lr=tune.loguniform(cfg.lr / 3, min(cfg.lr * 3, 0.5)),
-            weight_decay=tune.choice([0.05, 0.1]),
-            label_smoothing=tune.choice([0.0, 0.1]),
-            augment=tune.choice(["flip", "crop"]),
-            class_weights=tune.choice(["none", "sqrt"]),
+            weight_decay=choice("weight_decay", [0.05, 0.1]),
+            label_smoothing=choice("label_smoothing", [0.0, 0.1]),
+            augment=choice("augment", ["flip", "crop"]),
+            class_weights=choice("class_weights", ["none", "sqrt"]),
+            # Smaller patches: 4x the tokens from the same small image, which a GPU affords.
+            patch_size=choice("patch_size", sorted({max(2, cfg.patch_size // 2), cfg.patch_size})),
         )
     else:
         space.update(
             # A decade either side of the fine-tuning rate.
             lr=tune.loguniform(cfg.lr / 10, min(cfg.lr * 10, 0.5)),
             batch_size=tune.choice(sorted({max(8, cfg.batch_size // 2), cfg.batch_size, cfg.batch_size * 2})),
-            weight_decay=tune.choice([0.0, 0.01, 0.05]),
-            warmup_ratio=tune.choice([0.0, 0.05, 0.1]),
-            label_smoothing=tune.choice([0.0, 0.1]),
+            weight_decay=choice("weight_decay", [0.0, 0.01, 0.05]),
+            warmup_ratio=choice("warmup_ratio", [0.0, 0.05, 0.1]),
+            label_smoothing=choice("label_smoothing", [0.0, 0.1]),
         )
     if cfg.search_image_sizes:
         # The position embeddings are resampled to each trial's size (model.resize_image_size).
-        space["image_size"] = tune.choice(sorted(set(cfg.search_image_sizes)))
+        space["image_size"] = tune.choice(sorted({cfg.image_size, *cfg.search_image_sizes}))
     return space
+
+
+def describe_space(space: dict) -> dict:
+    """The searched part of a search space in plain values, for summary.json and
+    search.png: {"lr": {"loguniform": [low, high]}, "augment": {"choice": ["flip", "crop"]}}."""
+    from ray.tune.search.sample import Categorical, Float, LogUniform
+
+    described = {}
+    for name, domain in space.items():
+        if isinstance(domain, Categorical):
+            described[name] = {"choice": list(domain.categories)}
+        elif isinstance(domain, Float):
+            kind = "loguniform" if isinstance(domain.get_sampler(), LogUniform) else "uniform"
+            described[name] = {kind: [domain.lower, domain.upper]}
+    return described
 
 
 def baseline(cfg: TrainConfig) -> dict:
@@ -262,7 +299,7 @@ def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
     """One Tune trial: a TorchTrainer over the trial's hyperparameters."""
     import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = TrainConfig(**setup["train_config"])
@@ -276,6 +313,9 @@ def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
             use_gpu=cfg.use_gpu,
             resources_per_worker=None if cfg.use_gpu else {"CPU": cfg.cpus_per_worker},
         ),
+        # NCCL only where GPUs talk to each other: one worker never communicates, and gloo
+        # also starts where torch has no CUDA (the tests' logical GPUs).
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu and cfg.num_workers > 1 else "gloo"),
         datasets=datasets,
         # Only training data is sharded: an equal split drops up to N-1 rows, which is
         # fine for SGD but would make validation metrics miss images.
@@ -297,23 +337,13 @@ def train_driver_fn(config: dict, setup: dict, datasets: dict) -> None:
 
 def build_tuner(cfg: TrainConfig, prepared: Prepared, datasets: dict, storage: str):
     """The Tuner over `train_driver_fn`: the baseline first, then the search's trials;
-    or, with --resume, the interrupted experiment restored."""
-    import ray
+    or, with --resume, the interrupted experiment restored (its searcher included)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    setup = {
-        "train_config": asdict(cfg),
-        "labels": prepared.data.labels,
-        "preprocessing": prepared.prep.to_dict(),
-        "train_rows": datasets["train"].count(),
-        "class_counts": prepared.split_counts["train"],  # for --class-weights
-        "storage": storage,
-        # One copy in the object store; workers need not see the driver's disk.
-        "init": ray.put(prepared.init) if prepared.init is not None else None,
-    }
-    trainable = tune.with_parameters(train_driver_fn, setup=setup, datasets=datasets)
+    trainable = tune.with_parameters(
+        train_driver_fn, setup=trial_setup(cfg, prepared, datasets, storage), datasets=datasets
+    )
     # The trial function only waits on its TorchTrainer; its workers hold the CPUs/GPUs.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 256 * 1024**2})
     searching = cfg.search != "none"
@@ -324,16 +354,15 @@ def build_tuner(cfg: TrainConfig, prepared: Prepared, datasets: dict, storage: s
         return tune.Tuner.restore(
             join(storage, cfg.name), trainable, resume_unfinished=True, restart_errored=True, param_space=param_space
         )
+    num_trials = 1 + (cfg.num_samples if searching else 0)
     concurrency = cfg.max_concurrent_trials or trials_that_fit(cfg, cluster_nodes())
+    search_alg, max_concurrent_trials = search_algorithm(cfg, param_space, num_trials, concurrency)
     tune_config = tune.TuneConfig(
         metric=METRIC,
         mode="max",
-        # The baseline is always the first trial; --search adds num_samples sampled ones.
-        # (A search_alg passed in ignores TuneConfig.max_concurrent_trials: set it here.)
-        search_alg=BasicVariantGenerator(
-            points_to_evaluate=[baseline(cfg)], max_concurrent=concurrency, random_state=cfg.seed
-        ),
-        num_samples=1 + (cfg.num_samples if searching else 0),
+        search_alg=search_alg,
+        max_concurrent_trials=max_concurrent_trials,
+        num_samples=num_trials,
         scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=1, reduction_factor=2)
         if searching
         else None,
@@ -342,8 +371,52 @@ def build_tuner(cfg: TrainConfig, prepared: Prepared, datasets: dict, storage: s
         trainable,
         param_space=param_space,
         tune_config=tune_config,
-        run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1, callbacks=tracking_callbacks(cfg)),
     )
+
+
+def trial_setup(cfg: TrainConfig, prepared: Prepared, datasets: dict, storage: str) -> dict:
+    """What every trial's workers get besides their hyperparameters (train_loop_per_worker's config)."""
+    import ray
+
+    return {
+        "train_config": asdict(cfg),
+        "labels": prepared.data.labels,
+        "aux_classes": len(prepared.data.aux_labels or []),  # --aux-label's head, or 0
+        "preprocessing": prepared.prep.to_dict(),
+        "train_rows": datasets["train"].count(),
+        "class_counts": prepared.split_counts["train"],  # for --class-weights
+        "storage": storage,
+        # One copy in the object store; workers need not see the driver's disk.
+        "init": ray.put(prepared.init) if prepared.init is not None else None,
+    }
+
+
+def search_algorithm(cfg: TrainConfig, param_space: dict, num_trials: int, concurrency: int):
+    """(search_alg, TuneConfig.max_concurrent_trials): the baseline is always the first
+    trial, then random sampling (none, asha) or Optuna's TPE (optuna)."""
+    if cfg.search == "optuna":
+        from fashion_vit.search import optuna_search
+
+        # Optuna's first point names exactly the searched values; Tune adds the constants.
+        point = {k: v for k, v in baseline(cfg).items() if k in describe_space(param_space)}
+        # TuneConfig wraps a Searcher in a ConcurrencyLimiter of max_concurrent_trials.
+        return optuna_search(point, num_trials, cfg.seed), concurrency
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # A SearchGenerator ignores TuneConfig.max_concurrent_trials: set it here.
+    return BasicVariantGenerator(
+        points_to_evaluate=[baseline(cfg)], max_concurrent=concurrency, random_state=cfg.seed
+    ), None
+
+
+def tracking_callbacks(cfg: TrainConfig) -> list:
+    """Tune callbacks for --mlflow-uri; without it none, and mlflow is not imported."""
+    if not cfg.mlflow_uri:
+        return []
+    from fashion_vit.tracking import mlflow_callback
+
+    return [mlflow_callback(cfg.mlflow_uri, cfg.mlflow_experiment, cfg.name)]
 
 
 # --- the best checkpoint ------------------------------------------------------------------
@@ -368,6 +441,25 @@ def pick_best(trials: list[dict], read) -> tuple[dict, dict, SavedModel]:
     raise RuntimeError("the best checkpoints were reported but none can be read back from storage")
 
 
+def summarise_trials(results) -> list[dict]:
+    """One summary per trial, numbered 1 (the baseline), 2, ... in the order the trials
+    were made (a resumed ResultGrid lists them in another order)."""
+    made = sorted(range(len(results)), key=lambda i: _creation_order(results[i], i))
+    return [_trial_summary(results[i], number) for number, i in enumerate(made, start=1)]
+
+
+def log_to_mlflow(cfg: TrainConfig, best: dict, model_path: str, log=print) -> None:
+    """The exported model and its reports as artifacts of the best trial's MLflow run."""
+    from fashion_vit.tracking import log_files
+
+    if not best.get("mlflow_run_id"):
+        log(f"MLflow: no run of trial {best['trial_id']} found at {cfg.mlflow_uri}; the model was not logged there")
+        return
+    names = ("summary.json", "report.md", "learning_curves.png", "search.png")
+    log_files(cfg.mlflow_uri, best["mlflow_run_id"], [model_path, *(os.path.join(cfg.output_dir, n) for n in names)])
+    log(f"MLflow: the model is logged to run {best['mlflow_run_id']} at {cfg.mlflow_uri}")
+
+
 def _read_remote_checkpoint(path: str) -> SavedModel | None:
     """vit_model.pth out of a Train checkpoint wherever storage put it (local, NFS,
     s3://); None if that checkpoint no longer exists."""
@@ -380,7 +472,17 @@ def _read_remote_checkpoint(path: str) -> SavedModel | None:
         return None
 
 
-def _trial_summary(result) -> dict:
+def _creation_order(result, position: int) -> int:
+    """Sorts trials in the order they were made: Tune tags each trial "<n>_<its values>"
+    with a counter when it makes it (from 0 for asha's generator, from 1 for a
+    Searcher). The ResultGrid lists trials in that order only until a --resume. A trial
+    that reported nothing keeps its `position` in the grid."""
+    tag = (result.metrics or {}).get("experiment_tag", "")
+    number = tag.split("_", 1)[0]
+    return int(number) if number.isdigit() else position
+
+
+def _trial_summary(result, number: int) -> dict:
     df = result.metrics_dataframe
     keep = [
         "epoch",
@@ -397,6 +499,7 @@ def _trial_summary(result) -> dict:
     config = {k: result.config[k] for k in HYPERPARAMETERS if k in result.config}
     return {
         "trial_id": result.metrics.get("trial_id") if result.metrics else None,
+        "trial_number": number,
         "config": config,
         "epochs_run": len(history),
         "best_" + METRIC: max((r[METRIC] for r in history), default=None),
@@ -405,13 +508,30 @@ def _trial_summary(result) -> dict:
     }
 
 
+def _add_searcher_notes(trials: list[dict], experiment: str, log=print) -> None:
+    """trial["searcher_had_seen"]: how many finished trials the Optuna searcher had been
+    told of when it suggested the trial (the baseline: 0). Read from the searcher's
+    saved state, which Tune keeps in the experiment folder; skipped for URI storage."""
+    if is_uri(experiment):
+        log("searcher notes not read: the experiment is not on local storage")
+        return
+    from fashion_vit.search import read_searcher
+
+    seen = {}
+    for s in read_searcher(experiment).suggestions:
+        seen.setdefault(s["trial_id"], len(s["completed"]))
+    for t in trials:
+        t["searcher_had_seen"] = seen.get(t["trial_id"])
+
+
 # --- summary ---------------------------------------------------------------------------------
 
 
 def write_summary(
-    cfg, prepared: Prepared, undecodable: int, saved: SavedModel, best: dict, trials, timings, experiment
+    cfg, prepared: Prepared, undecodable: int, saved: SavedModel, best: dict, trials, timings, experiment, space
 ) -> str:
-    """summary.json, the learning curves and the model card beside vit_model.pth."""
+    """summary.json, the learning curves, the picture of the search (with --search) and
+    the model card beside vit_model.pth. `space`: describe_space of what was searched."""
     data = prepared.data
     summary = {
         "data": {
@@ -421,11 +541,13 @@ def write_summary(
             "repaired_lines": data.repaired,
             "undecodable": undecodable,
             "split_sizes": {k: len(v) for k, v in prepared.splits.items()},
+            "epoch_rows": len(prepared.epoch),  # training rows per epoch, after --sampling
             "class_counts": prepared.split_counts,
         },
         "preprocessing": saved.preprocessing.to_dict(),  # the best trial's (its input size may be searched)
         "train_config": asdict(cfg),
         "experiment": experiment,
+        "search_space": space,
         "best": best,
         "trials": trials,
         "timings": timings,
@@ -434,7 +556,11 @@ def write_summary(
     with atomic_open(path) as f:
         json.dump(summary, f, indent=2, default=_json_default)
     plot_learning_curves(trials, best["trial_id"], os.path.join(cfg.output_dir, "learning_curves.png"))
-    write_model_card(os.path.join(cfg.output_dir, "report.md"), summary, "learning_curves.png")
+    if space:
+        plot_search(trials, space, cfg.epochs, best["trial_id"], os.path.join(cfg.output_dir, "search.png"))
+    write_model_card(
+        os.path.join(cfg.output_dir, "report.md"), summary, "learning_curves.png", "search.png" if space else None
+    )
     return path
 
 

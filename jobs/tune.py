@@ -2,6 +2,7 @@
 
     python jobs/tune.py                                   # the baseline fine-tune
     python jobs/tune.py --search asha --num-samples 8     # + 8 sampled trials under ASHA
+    python jobs/tune.py --search optuna --num-samples 8   # the same, chosen by Optuna's TPE
     python jobs/tune.py --data-dir DIR --from-scratch     # offline: the scratch recipe
 
 Training values not given on the command line come from a recipe: "pretrained" (the

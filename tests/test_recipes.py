@@ -75,7 +75,8 @@ def test_search_spaces_vary_what_each_recipe_needs():
     scratch = search_space(parse_args(["--from-scratch"]))
     assert set(scratch) == set(HYPERPARAMETERS)
     varied = {k for k, v in scratch.items() if isinstance(v, Domain)}
-    assert varied == {"lr", "weight_decay", "label_smoothing", "augment", "class_weights", "image_size"}
+    assert varied == {"lr", "weight_decay", "label_smoothing", "augment", "class_weights", "image_size", "patch_size"}
+    assert sorted(scratch["patch_size"].categories) == [8, 16]
     assert sorted(scratch["image_size"].categories) == sorted(RECIPES["scratch"]["search_image_sizes"])
     lr = RECIPES["scratch"]["lr"]
     assert scratch["lr"].lower == pytest.approx(lr / 3) and scratch["lr"].upper == pytest.approx(lr * 3)
@@ -129,3 +130,17 @@ def test_class_weighted_loss_weights_images_not_the_smoothing_term():
     # A weighted class with no image in the batch leaves the loss as it was.
     y_common = y.clamp(max=4)
     torch.testing.assert_close(_loss(logits, y_common, w, 0.1), _loss(logits, y_common, None, 0.1))
+
+
+def test_patch_size_is_a_scratch_dial():
+    from fashion_vit.config import MASTER_CATEGORIES
+    from fashion_vit.model import create_model
+
+    cfg = parse_args(["--from-scratch", "--patch-size", "8"]).validate()
+    model, _ = create_model(cfg, list(MASTER_CATEGORIES))
+    assert model.config.patch_size == 8
+    assert model.vit.embeddings.position_embeddings.shape[1] == 1 + (32 // 8) ** 2  # 16 tokens instead of 4
+    with pytest.raises(ConfigError, match="--patch-size applies to --from-scratch"):
+        parse_args(["--patch-size", "8"])
+    with pytest.raises(ConfigError, match="--image-size must be a multiple of the patch size 8"):
+        parse_args(["--from-scratch", "--patch-size", "8", "--image-size", "36"]).validate()

@@ -13,7 +13,7 @@ from PIL import Image
 from fashion_vit.config import MASTER_CATEGORIES, TrainConfig
 from fashion_vit.data import load_data, stratified_split
 from fashion_vit.model import ModelError, create_model, load_checkpoint
-from fashion_vit.transforms import decode_image, preprocess
+from fashion_vit.transforms import decode_image, image_bytes, preprocess
 from tests.conftest import make_kaggle_folder, run_script
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def test_evaluate_rebuilds_the_test_split_and_agrees_with_a_direct_recomputation
     ]
     model, prep = saved.build()
     with torch.no_grad():
-        x = torch.from_numpy(np.stack([decode_image(b, prep.source_size) for b in test["image"]]))
+        x = torch.from_numpy(np.stack([decode_image(image_bytes(b), prep.source_size) for b in test["image"]]))
         pred = model(pixel_values=preprocess(x, prep)).logits.argmax(1).numpy()
     truth = test["label"].to_numpy()
     assert metrics["data"]["images"] == len(test) == sum(map(sum, metrics["confusion_matrix"]))

@@ -1,4 +1,5 @@
-"""An interrupted experiment continues with --resume; a finished trial is not rerun."""
+"""An interrupted experiment continues with --resume; a finished trial is not rerun, and
+an Optuna search continues from what its searcher had seen."""
 
 from __future__ import annotations
 
@@ -14,6 +15,23 @@ import pytest
 from tests.conftest import ROOT, TINY_ARGS
 
 pytestmark = pytest.mark.slow
+
+
+def run_until_killed(argv: list[str], env: dict, log_path, ready) -> None:
+    """Run a job in a session of its own; once `ready()` holds, SIGKILL it (with its Ray,
+    if it started one itself: RAY_ADDRESS=local)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while not ready():
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.time() < deadline, "the job did not get far enough in time"
+                time.sleep(1)
+            time.sleep(3)  # let Tune save its experiment state
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_resume_after_the_driver_is_killed(samples, tmp_path):
@@ -41,19 +59,9 @@ def test_resume_after_the_driver_is_killed(samples, tmp_path):
         "fashion-vit-resume",
     ]
     env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray, which dies with it
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            # Trials run one at a time: the second trial's Train run appearing means the first finished.
-            deadline = time.time() + 600
-            while not any(p.name.endswith("_00001") for p in storage.glob("fashion-vit-resume-train-*")):
-                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                assert time.time() < deadline, "the first trial did not finish in time"
-                time.sleep(1)
-            time.sleep(3)  # let Tune save its experiment state
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    # Trials run one at a time: the second trial's Train run appearing means the first finished.
+    second_started = lambda: any(p.name.endswith("_00001") for p in storage.glob("fashion-vit-resume-train-*"))
+    run_until_killed(argv, env, tmp_path / "first.log", second_started)
     assert not (out / "vit_model.pth").exists()
     first_trial = next(storage.glob("fashion-vit-resume-train-*_00000"))
     checkpoints_before = sorted(p.name for p in first_trial.glob("checkpoint_*"))
@@ -69,4 +77,76 @@ def test_resume_after_the_driver_is_killed(samples, tmp_path):
     assert len(summary["trials"]) == 2
     assert next(len(t["history"]) for t in summary["trials"]) == 2
     assert all(t["error"] is None for t in summary["trials"])
+    assert (out / "vit_model.pth").exists()
+
+
+def test_a_resumed_optuna_search_continues_from_the_trials_it_had_seen(samples, ray_session, tmp_path):
+    """ray-project/ray#30861: a restored searcher that started afresh would suggest the
+    baseline again and know of no finished trial. The searcher notes, in its own saved
+    state, which trials it had been told finished at each suggestion.
+
+    The job runs on the session's Ray, as on a cluster whose driver died: with a second
+    Ray instance on the machine, Ray Train's PlacementGroupCleaner cannot tell which one
+    to ask about a stopped trial's controller, and the CPUs of trials that ASHA stopped
+    are never given back (Ray 2.60), which a four-trial search on two CPUs cannot afford."""
+    import ray
+
+    from fashion_vit.search import read_searcher
+
+    out = tmp_path / "results"
+    storage = out / "experiments"
+    argv = [
+        sys.executable,
+        "jobs/tune.py",
+        "--data-dir",
+        str(samples["train"]),
+        *TINY_ARGS,
+        "--limit",
+        "600",
+        "--search",
+        "optuna",
+        "--num-samples",
+        "3",
+        "--epochs",
+        "2",
+        "--max-concurrent-trials",
+        "1",
+        "--output-dir",
+        str(out),
+        "--name",
+        "fashion-vit-optuna",
+    ]
+    # Tune saves the experiment (and the searcher) every 10 s by default: save at every
+    # step, so that a trial that finished before the kill is on record.
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, TUNE_GLOBAL_CHECKPOINT_S="0")
+    # One trial at a time: a third Train run means two trials finished.
+    third_started = lambda: len(list(storage.glob("fashion-vit-optuna-train-*"))) >= 3
+    run_until_killed(argv, env, tmp_path / "first.log", third_started)
+    assert not (out / "vit_model.pth").exists()
+    before = read_searcher(str(storage / "fashion-vit-optuna")).suggestions
+    assert len(before) >= 3
+
+    resumed = subprocess.run([*argv, "--resume"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    searcher = read_searcher(str(storage / "fashion-vit-optuna"))
+    first_pid = searcher.suggestions[0]["pid"]
+    made_before = [s["trial_id"] for s in searcher.suggestions if s["pid"] == first_pid]
+    made_after = [s for s in searcher.suggestions if s["pid"] != first_pid]
+    assert made_before == [s["trial_id"] for s in before]
+    assert made_after, "the resumed search suggested nothing"
+    # Its first suggestion came once every trial of the first run had finished (the one
+    # running at the kill continued from its checkpoint), and it knew of all of them.
+    assert made_after[0]["completed"] == sorted(made_before)
+    # Four trials in all, each suggested once; the study holds every one as finished.
+    study = searcher._ot_study
+    assert len(searcher.suggestions) == len(study.trials) == 4
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    summary = json.loads((out / "summary.json").read_text())
+    trials = summary["trials"]
+    assert [t["trial_id"] for t in trials] == [s["trial_id"] for s in searcher.suggestions]
+    # The baseline ran once, as the first trial: a fresh searcher would have enqueued it again.
+    baseline_lr = trials[0]["config"]["lr"]
+    assert [t["config"]["lr"] == baseline_lr for t in trials] == [True, False, False, False]
+    assert all(t["error"] is None for t in trials)
+    assert [t["searcher_had_seen"] for t in trials] == [0, 1, 2, 3]
     assert (out / "vit_model.pth").exists()

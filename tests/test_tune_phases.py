@@ -3,12 +3,15 @@ checkpoint, sizing workers to the nodes that exist, naming experiments, preparin
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from fashion_vit.config import ConfigError, TrainConfig
 from fashion_vit.tune import (
     CHECKPOINT_PATH,
     Node,
+    _creation_order,
     pick_best,
     prepare,
     resolve_experiment,
@@ -53,6 +56,14 @@ def test_no_checkpoint_at_all_names_the_trial_errors():
         pick_best([trial("a"), trial("b", error="worker died")], lambda p: p)
     with pytest.raises(RuntimeError, match="none can be read back"):
         pick_best([trial("a", (0.9, 0.1, "x"))], lambda p: None)
+
+
+def test_trials_are_ordered_as_they_were_made_not_as_the_result_grid_lists_them():
+    # After a --resume the ResultGrid is in another order; Tune's experiment tag starts
+    # with its counter. A trial without any result keeps its place in the grid.
+    grid = [SimpleNamespace(metrics={"experiment_tag": "3_lr=0.1"}), SimpleNamespace(metrics={"experiment_tag": "1"})]
+    grid.append(SimpleNamespace(metrics={}))
+    assert sorted(range(3), key=lambda i: _creation_order(grid[i], i)) == [1, 2, 0]
 
 
 TWO_BY_TWO = [Node(cpus=2, gpus=0), Node(cpus=2, gpus=0)]
