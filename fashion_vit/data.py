@@ -252,19 +252,23 @@ MAX_REPEAT = 100
 
 
 def oversample(rows: np.ndarray, labels: np.ndarray, mode: str, seed: int) -> np.ndarray:
-    """The training rows of one epoch for --sampling: each row of a class with n rows
-    repeated (n_max / n) ** p times (p = 1/2 for "sqrt", 1 for "balanced"; at most
+    """The training rows of one epoch for --sampling: a class of n rows is seen
+    (n_max / n) ** p times as often (p = 1/2 for "sqrt", 1 for "balanced"; at most
     MAX_REPEAT), in a seeded random order so that the copies of an image are spread over
-    the epoch instead of sitting in one batch. "none": the rows as they are."""
+    the epoch instead of sitting in one batch. A fractional factor is met in expectation:
+    with 1.5, every row once and a random half of them twice (rounding would double a
+    class that should grow by half). "none": the rows as they are."""
     if mode == "none":
         return rows
     counts = np.bincount(labels[rows])
     present = counts > 0
     power = 0.5 if mode == "sqrt" else 1.0
-    factor = np.ones(len(counts), dtype=np.int64)
-    factor[present] = np.clip(np.round((counts.max() / counts[present]) ** power), 1, MAX_REPEAT).astype(np.int64)
-    repeated = np.repeat(rows, factor[labels[rows]])
-    return np.random.default_rng(seed).permutation(repeated)
+    factor = np.ones(len(counts))
+    factor[present] = np.clip((counts.max() / counts[present]) ** power, 1, MAX_REPEAT)
+    rng = np.random.default_rng(seed)
+    wanted = factor[labels[rows]]
+    copies = np.floor(wanted).astype(np.int64) + (rng.random(len(rows)) < wanted - np.floor(wanted))
+    return rng.permutation(np.repeat(rows, copies))
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> list[int]:

@@ -43,7 +43,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = worker_device()
     if device.type == "cpu":
         # Ray sets OMP_NUM_THREADS to the worker's CPU count (1 by default); size torch to it.
         torch.set_num_threads(cfg.cpus_per_worker)
@@ -51,12 +51,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     init = config.get("init")
     model, _ = create_model(cfg, labels, ray.get(init) if init is not None else None)
+    if config.get("aux_classes"):
+        model = WithAuxHead(model, config["aux_classes"])
     steps_per_epoch = math.ceil(train_rows / world / cfg.batch_size)
     optimizer = _adamw(model, cfg.lr, cfg.weight_decay)
     scheduler = _warmup_linear(optimizer, cfg.warmup_ratio, cfg.epochs * steps_per_epoch)
     start_epoch = restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
-
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
     autocast = _autocast(device, cfg.bf16)
     weights = class_weights(config["class_counts"], cfg.class_weights)
     weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
@@ -86,7 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
         )
         train_seconds = time.perf_counter() - t0
         if rank == 0:  # the whole validation set, once; the sums below add zeros from other ranks
-            unwrapped = getattr(model, "module", model)
+            unwrapped = main_model(model)
             val_loss, val_cm = evaluate(
                 unwrapped, val_data.iter_torch_batches(batch_size=256, device=device), prep, len(labels), autocast
             )
@@ -112,6 +113,39 @@ def train_loop_per_worker(config: dict) -> None:
         )
 
 
+AUX_WEIGHT = 0.5  # --aux-label's loss weight against the main label's
+
+
+class WithAuxHead(torch.nn.Module):
+    """The ViT with a second linear head on the same [CLS] feature, for a finer label
+    (--aux-label): forward returns (main logits, aux logits). Only the inner model is
+    evaluated and saved."""
+
+    def __init__(self, model, num_aux: int):
+        super().__init__()
+        self.model = model
+        self.aux = torch.nn.Linear(model.config.hidden_size, num_aux)
+
+    def forward(self, pixel_values):
+        cls = self.model.vit(pixel_values=pixel_values).last_hidden_state[:, 0]
+        return self.model.classifier(cls), self.aux(cls)
+
+
+def main_model(model):
+    """The ViTForImageClassification inside DDP and WithAuxHead wrappers."""
+    model = getattr(model, "module", model)
+    return model.model if isinstance(model, WithAuxHead) else model
+
+
+def worker_device() -> torch.device:
+    """This worker's GPU, or the CPU. A worker Ray gave a GPU whose torch has no CUDA (a
+    CPU build, or the logical GPUs the tests start Ray with) trains on the CPU: the
+    resource plan is Ray's, the arithmetic goes where it can."""
+    import ray.train.torch
+
+    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+
+
 def restore(checkpoint, model, optimizer, scheduler) -> int:
     """Load a Train checkpoint's weights and optimizer/scheduler state into place; the
     epoch to start from (0 without a checkpoint). A restarted worker group or a resumed
@@ -121,7 +155,9 @@ def restore(checkpoint, model, optimizer, scheduler) -> int:
     with checkpoint.as_directory() as d:
         saved = read_checkpoint(os.path.join(d, MODEL_FILE))
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    model.load_state_dict(saved.state_dict)
+    main_model(model).load_state_dict(saved.state_dict)
+    if "aux" in state:
+        model.aux.load_state_dict(state["aux"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["epoch"] + 1
@@ -146,8 +182,13 @@ def save_and_report(
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(os.path.join(tmp, MODEL_FILE), model, prep, train_config, {"val": val_report, **metrics})
+            save_checkpoint(
+                os.path.join(tmp, MODEL_FILE), main_model(model), prep, train_config, {"val": val_report, **metrics}
+            )
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+            unwrapped = getattr(model, "module", model)
+            if isinstance(unwrapped, WithAuxHead):  # vit_model.pth keeps the main head only
+                state["aux"] = unwrapped.aux.state_dict()
             torch.save(state, os.path.join(tmp, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             print(
@@ -181,8 +222,13 @@ def train_one_epoch(
         x = preprocess(batch["image"], prep, augment=augment)
         y = batch["label"]
         with autocast():
-            logits = model(pixel_values=x).logits
-        loss = _loss(logits.float(), y, weights, label_smoothing)
+            out = model(pixel_values=x)
+        if isinstance(out, tuple):  # WithAuxHead: the finer label's loss joins in
+            logits, aux_logits = out
+            aux_loss = F.cross_entropy(aux_logits.float(), batch["aux"], label_smoothing=label_smoothing)
+            loss = _loss(logits.float(), y, weights, label_smoothing) + AUX_WEIGHT * aux_loss
+        else:
+            loss = _loss(out.logits.float(), y, weights, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm:

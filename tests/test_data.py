@@ -201,3 +201,9 @@ def test_oversampling_repeats_rare_classes_spread_over_the_epoch():
     where = np.flatnonzero(epoch == 502)
     assert len(where) == 10 and np.diff(where).min() > 1
     assert np.array_equal(epoch, oversample(rows, labels, "sqrt", 0))  # seeded
+    # A fractional factor is met in expectation, not rounded: sqrt(400 / 178) = 1.5.
+    labels = np.array([0] * 400 + [1] * 178)
+    epoch = oversample(np.arange(len(labels)), labels, "sqrt", 0)
+    counts = np.bincount(epoch, minlength=len(labels))
+    assert counts[:400].tolist() == [1] * 400 and set(counts[400:].tolist()) == {1, 2}
+    assert abs(counts[400:].sum() - 178 * 1.5) < 15

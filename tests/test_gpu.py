@@ -1,0 +1,79 @@
+"""Both jobs on a real GPU: training with bf16 autocast and without, batch inference with
+a GPU predictor actor, evaluation on CUDA, and a model trained on the GPU used on a
+CPU-only torch. Skipped in one line where CUDA is absent; `bench/gpu.sh` runs it on the
+GPU machine (with FASHION_SMALL pointing at the carried images)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_script
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+@pytest.fixture(scope="module", params=["bf16", "fp32"])
+def trained_on_gpu(request, samples, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"gpu-{request.param}")
+    flags = ["--data-dir", str(samples["train"]), "--from-scratch", "--vit-size", "tiny", "--image-size", "32",
+             "--limit", "600", "--epochs", "3", "--gpu", "--output-dir", str(out)]  # fmt: skip
+    if request.param == "fp32":
+        flags.append("--no-bf16")
+    proc = run_script("jobs/tune.py", *flags, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, request.param
+
+
+def test_training_on_cuda_learns_and_records_its_precision(trained_on_gpu):
+    out, precision = trained_on_gpu
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_config"]["use_gpu"] is True
+    assert summary["train_config"]["bf16"] is (precision == "bf16")
+    counts = summary["data"]["class_counts"]["test"]
+    assert summary["best"]["test"]["accuracy"] > max(counts) / sum(counts)
+
+
+def test_batch_predict_on_a_gpu_actor_matches_the_model_loaded_on_cpu(trained_on_gpu, samples, tmp_path):
+    out, _ = trained_on_gpu
+    csv_path = tmp_path / "pred.csv"
+    proc = run_script("jobs/batch_predict.py", "--input", str(samples["holdout"] / "images"),
+                      "--model", str(out / "vit_model.pth"), "--output", str(csv_path), "--quiet", timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+
+    # The file a GPU wrote, on a CPU-only torch: the same model, the same answers.
+    from fashion_vit.model import read_checkpoint
+    from fashion_vit.transforms import decode_image, preprocess
+
+    saved = read_checkpoint(str(out / "vit_model.pth"))
+    assert all(t.device.type == "cpu" for t in saved.state_dict.values())
+    model, prep = saved.build()
+    x = torch.from_numpy(np.stack([decode_image(Path(r["path"]).read_bytes(), prep.source_size) for r in rows]))
+    with torch.no_grad():
+        probs = model(pixel_values=preprocess(x, prep)).logits.softmax(1)
+    conf, idx = probs.max(1)
+    agree = [r["predicted_category"] == saved.labels[i] for r, i in zip(rows, idx.tolist(), strict=True)]
+    # bf16 on the GPU against fp32 here: a near-tie may flip, nothing more.
+    assert np.mean(agree) >= 0.98
+    assert max(abs(float(r["confidence"]) - c) for r, c in zip(rows, conf.tolist(), strict=True)) < 0.05
+
+
+def test_evaluate_on_cuda_agrees_with_the_stored_test_report(trained_on_gpu, tmp_path):
+    out, _ = trained_on_gpu
+    proc = run_script("jobs/evaluate.py", "--model", str(out / "vit_model.pth"), "--output", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    stored = json.loads((out / "summary.json").read_text())["best"]["test"]
+    assert metrics["num_examples"] == stored["num_examples"]
+    assert abs(metrics["accuracy"] - stored["accuracy"]) <= 2 / stored["num_examples"]
