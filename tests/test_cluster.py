@@ -107,7 +107,7 @@ def cluster(tmp_path_factory):
                 os.killpg(node.pid, signal.SIGTERM)
         for node in nodes:
             try:
-                node.wait(timeout=30)
+                node.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
         _kill_leftovers(str(temp))  # also matches the second node's f"{temp}-node2"
