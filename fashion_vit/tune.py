@@ -99,6 +99,11 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
 
     cfg = size_workers(cfg, cluster_nodes())
     t = time.perf_counter()
+    # Tune copies each trial's results to --storage only when it saves the experiment,
+    # by default at most every 10 s: a trial that finished just before the driver was
+    # killed came back from --resume with no history (seen in a test). Results come once
+    # an epoch, so saving after each costs nothing; a value you set still wins.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     results = build_tuner(cfg, prepared, datasets, storage).fit()
     timings["tune_s"] = time.perf_counter() - t
     trials = summarise_trials(results)

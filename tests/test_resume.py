@@ -34,52 +34,6 @@ def run_until_killed(argv: list[str], env: dict, log_path, ready) -> None:
             proc.wait()
 
 
-def test_resume_after_the_driver_is_killed(samples, tmp_path):
-    out = tmp_path / "results"
-    storage = out / "experiments"
-    argv = [
-        sys.executable,
-        "jobs/tune.py",
-        "--data-dir",
-        str(samples["train"]),
-        *TINY_ARGS,
-        "--limit",
-        "600",
-        "--search",
-        "asha",
-        "--num-samples",
-        "1",
-        "--epochs",
-        "2",
-        "--max-concurrent-trials",
-        "1",
-        "--output-dir",
-        str(out),
-        "--name",
-        "fashion-vit-resume",
-    ]
-    env = dict(os.environ, RAY_ADDRESS="local")  # its own Ray, which dies with it
-    # Trials run one at a time: the second trial's Train run appearing means the first finished.
-    second_started = lambda: any(p.name.endswith("_00001") for p in storage.glob("fashion-vit-resume-train-*"))
-    run_until_killed(argv, env, tmp_path / "first.log", second_started)
-    assert not (out / "vit_model.pth").exists()
-    first_trial = next(storage.glob("fashion-vit-resume-train-*_00000"))
-    checkpoints_before = sorted(p.name for p in first_trial.glob("checkpoint_*"))
-
-    # Without --resume the same name is refused rather than mixed with a new run.
-    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert again.returncode == 2 and "--resume" in again.stderr
-
-    resumed = subprocess.run([*argv, "--resume"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert sorted(p.name for p in first_trial.glob("checkpoint_*")) == checkpoints_before  # not trained again
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["trials"]) == 2
-    assert next(len(t["history"]) for t in summary["trials"]) == 2
-    assert all(t["error"] is None for t in summary["trials"])
-    assert (out / "vit_model.pth").exists()
-
-
 def test_a_resumed_optuna_search_continues_from_the_trials_it_had_seen(samples, ray_session, tmp_path):
     """ray-project/ray#30861: a restored searcher that started afresh would suggest the
     baseline again and know of no finished trial. The searcher notes, in its own saved
@@ -116,15 +70,21 @@ def test_a_resumed_optuna_search_continues_from_the_trials_it_had_seen(samples, 
         "--name",
         "fashion-vit-optuna",
     ]
-    # Tune saves the experiment (and the searcher) every 10 s by default: save at every
-    # step, so that a trial that finished before the kill is on record.
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, TUNE_GLOBAL_CHECKPOINT_S="0")
+    # No TUNE_GLOBAL_CHECKPOINT_S here: the job itself saves the experiment (and the
+    # searcher) after every result, so that a trial that finished before the kill is on record.
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     # One trial at a time: a third Train run means two trials finished.
     third_started = lambda: len(list(storage.glob("fashion-vit-optuna-train-*"))) >= 3
     run_until_killed(argv, env, tmp_path / "first.log", third_started)
     assert not (out / "vit_model.pth").exists()
     before = read_searcher(str(storage / "fashion-vit-optuna")).suggestions
     assert len(before) >= 3
+    finished = sorted(storage.glob("fashion-vit-optuna-train-*"), key=lambda p: p.stat().st_mtime)[:2]
+    checkpoints_before = {p: sorted(c.name for c in p.glob("checkpoint_*")) for p in finished}
+
+    # Without --resume the same name is refused rather than mixed with a new run.
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr
 
     resumed = subprocess.run([*argv, "--resume"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -149,4 +109,7 @@ def test_a_resumed_optuna_search_continues_from_the_trials_it_had_seen(samples, 
     assert [t["config"]["lr"] == baseline_lr for t in trials] == [True, False, False, False]
     assert all(t["error"] is None for t in trials)
     assert [t["searcher_had_seen"] for t in trials] == [0, 1, 2, 3]
+    # The trials that had finished were not trained again, and kept their history.
+    assert {p: sorted(c.name for c in p.glob("checkpoint_*")) for p in finished} == checkpoints_before
+    assert all(t["epochs_run"] >= 1 for t in trials)
     assert (out / "vit_model.pth").exists()
