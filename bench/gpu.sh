@@ -32,7 +32,8 @@ if $PY -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; 
   DEVICE=$($PY -c 'import torch; print(torch.cuda.get_device_name())')
   TRAIN="--vit-size base --image-size 224 --batch-size 128 --rows $IMAGES --epochs 4"
   PREDICT="--vit-size base --image-size 224 --batch-size 256 --tree 200000 --ceiling 0"
-  BASELINE="--vit-size base --image-size 224 --epochs 3 --lr 2e-5 --batch-size 32"
+  # The pretrained recipe's values with random weights (--from-scratch alone would take scratch-gpu's).
+  BASELINE="--recipe pretrained --vit-size base --image-size 224 --epochs 3 --lr 2e-5 --batch-size 32"
 else
   MODE=cpu
   DEVICE="$(nproc) CPUs (no CUDA: small CPU mode)"

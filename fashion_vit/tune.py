@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from fashion_vit.cluster import Node, cluster_nodes, describe, placeable, start_ray
-from fashion_vit.config import HYPERPARAMETERS, METRIC, ConfigError, TrainConfig
+from fashion_vit.config import HYPERPARAMETERS, METRIC, SCRATCH_RECIPES, ConfigError, TrainConfig, for_cluster
 from fashion_vit.data import (
     DataError,
     LoadedData,
@@ -81,13 +81,18 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     cfg = replace(cfg, name=resolve_experiment(cfg, storage))
     log(f"experiment {cfg.name} in {storage}" + (" (resuming)" if cfg.resume else ""))
 
+    # Ray first: what the workers get (GPUs or not) settles the scratch recipe, which
+    # settles the input size the images are decoded at.
+    t = time.perf_counter()
+    start_ray(cfg.address)
+    cfg = for_cluster(size_workers(cfg, cluster_nodes()))
+    timings["ray_start_s"] = time.perf_counter() - t
+    if cfg.recipe == "scratch-gpu" and "recipe" not in (cfg.user_set or ()):
+        log("GPU workers: the scratch-gpu recipe fills the values not given (--recipe scratch keeps the CPU one)")
+
     t = time.perf_counter()
     prepared = prepare(cfg, log)
     timings["data_load_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    start_ray(cfg.address)
-    timings["ray_start_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     epoch_splits = {**prepared.splits, "train": prepared.epoch}
@@ -97,7 +102,6 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     test_ds = datasets.pop("test")
     timings["decode_s"] = time.perf_counter() - t
 
-    cfg = size_workers(cfg, cluster_nodes())
     t = time.perf_counter()
     # Tune copies each trial's results to --storage only when it saves the experiment,
     # by default at most every 10 s: a trial that finished just before the driver was
@@ -254,7 +258,7 @@ def search_space(cfg: TrainConfig) -> dict:
 
     space = baseline(cfg)
     choice = lambda name, values: tune.choice(values if space[name] in values else [space[name], *values])
-    if cfg.recipe == "scratch":
+    if cfg.recipe in SCRATCH_RECIPES:
         # Random weights: the rate matters within a factor of a few, and what fights
         # overfitting (decay, smoothing, crops) and the imbalance is worth trying.
         space.update(

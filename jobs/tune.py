@@ -6,7 +6,8 @@
     python jobs/tune.py --data-dir DIR --from-scratch     # offline: the scratch recipe
 
 Training values not given on the command line come from a recipe: "pretrained" (the
-seed's fine-tune) or, with --from-scratch, "scratch" (a tiny ViT at 32 px, 6 epochs).
+seed's fine-tune) or, with --from-scratch, "scratch" (a tiny ViT at 32 px, 6 epochs), which
+becomes "scratch-gpu" when the workers have GPUs (a small ViT at 64 px, 30 epochs).
 
 The best-accuracy model lands in results/vit_model.pth, a summary in results/summary.json.
 """

@@ -25,8 +25,10 @@ pytestmark = [
 @pytest.fixture(scope="module", params=["bf16", "fp32"])
 def trained_on_gpu(request, samples, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"gpu-{request.param}")
+    # The scratch-gpu recipe, CPU-sized where given: a tiny ViT at 32 px, 4 patches.
     flags = ["--data-dir", str(samples["train"]), "--from-scratch", "--vit-size", "tiny", "--image-size", "32",
-             "--limit", "600", "--epochs", "3", "--gpu", "--output-dir", str(out)]  # fmt: skip
+             "--patch-size", "16", "--batch-size", "64", "--limit", "600", "--epochs", "3", "--gpu",
+             "--output-dir", str(out)]  # fmt: skip
     if request.param == "fp32":
         flags.append("--no-bf16")
     proc = run_script("jobs/tune.py", *flags, timeout=900)
@@ -37,7 +39,7 @@ def trained_on_gpu(request, samples, tmp_path_factory):
 def test_training_on_cuda_learns_and_records_its_precision(trained_on_gpu):
     out, precision = trained_on_gpu
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_config"]["use_gpu"] is True
+    assert summary["train_config"]["use_gpu"] is True and summary["train_config"]["recipe"] == "scratch-gpu"
     assert summary["train_config"]["bf16"] is (precision == "bf16")
     counts = summary["data"]["class_counts"]["test"]
     assert summary["best"]["test"]["accuracy"] > max(counts) / sum(counts)

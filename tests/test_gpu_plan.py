@@ -26,8 +26,10 @@ os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # as fashion_
 ray.init(num_cpus=2, num_gpus=2, include_dashboard=True, dashboard_port=port)
 from jobs import batch_predict, tune
 data, out, images = sys.argv[1:4]
+# The recipe follows the GPUs (scratch-gpu); the given flags keep the model CPU-sized.
 rc_tune = tune.main(["--data-dir", data, "--from-scratch", "--limit", "300", "--epochs", "2", "--search", "asha",
-                     "--num-samples", "2", "--output-dir", out])
+                     "--num-samples", "2", "--vit-size", "tiny", "--image-size", "32", "--patch-size", "16",
+                     "--search-image-sizes", "32", "--batch-size", "64", "--output-dir", out])
 rc_predict = batch_predict.main(["--input", images, "--model", out + "/vit_model.pth", "--output", out + "/pred.csv",
                                  "--quiet"])
 from ray.util.state import list_actors, list_tasks
@@ -76,6 +78,7 @@ def test_every_train_worker_holds_one_gpu_and_trials_run_as_many_as_gpus(plan):
     assert peak == 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_config"]["use_gpu"] is True and summary["train_config"]["cpus_per_worker"] == 1
+    assert summary["train_config"]["recipe"] == "scratch-gpu" and summary["train_config"]["sampling"] == "sqrt"
     assert len(summary["trials"]) == 3 and all(t["error"] is None for t in summary["trials"])
 
 

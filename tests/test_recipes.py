@@ -9,7 +9,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from fashion_vit.config import HYPERPARAMETERS, RECIPE_FIELDS, RECIPES, ConfigError, TrainConfig
+from fashion_vit.config import HYPERPARAMETERS, RECIPE_FIELDS, RECIPES, ConfigError, TrainConfig, for_cluster
 from fashion_vit.train import class_weights
 from fashion_vit.tune import baseline, search_space
 from jobs.tune import parse_args
@@ -38,14 +38,41 @@ def test_the_pretrained_baseline_is_the_seed_recipe_unchanged():
         "none",
     )
     # The library's defaults are the same recipe: TrainConfig() is the baseline too.
-    assert asdict(cfg) == asdict(TrainConfig())
+    assert asdict(cfg) == asdict(TrainConfig(user_set=()))
 
 
 def test_from_scratch_takes_the_scratch_recipe():
     cfg = parse_args(["--from-scratch"])
     assert cfg.recipe == "scratch" and cfg.from_scratch
     assert _recipe_values(cfg) == RECIPES["scratch"]
-    assert parse_args(["--recipe", "scratch"]) == cfg  # --recipe scratch implies --from-scratch
+    # --recipe scratch implies --from-scratch, and is kept on GPUs (see below).
+    explicit = parse_args(["--recipe", "scratch"])
+    assert _recipe_values(explicit) == RECIPES["scratch"] and explicit.from_scratch
+
+
+def test_gpu_workers_take_the_scratch_gpu_recipe_where_nothing_was_given():
+    from dataclasses import replace
+
+    on_gpus = lambda argv: for_cluster(replace(parse_args(argv), use_gpu=True))
+    cfg = on_gpus(["--from-scratch"])
+    assert cfg.recipe == "scratch-gpu" and _recipe_values(cfg) == RECIPES["scratch-gpu"]
+    assert (cfg.vit_size, cfg.image_size, cfg.patch_size) == ("small", 64, 8)  # 64 tokens, not 4
+    # A flag given still wins, and the rest follows the GPU recipe.
+    cfg = on_gpus(["--from-scratch", "--epochs", "6", "--patch-size", "16"])
+    assert (cfg.epochs, cfg.patch_size, cfg.image_size) == (6, 16, 64)
+    # An explicit --recipe is kept, so is the pretrained recipe, and CPU workers keep the CPU one.
+    assert _recipe_values(on_gpus(["--recipe", "scratch"])) == RECIPES["scratch"]
+    assert on_gpus([]).recipe == "pretrained" and on_gpus([]).image_size == 224
+    cpu = parse_args(["--from-scratch"])
+    assert for_cluster(replace(cpu, use_gpu=False)) == replace(cpu, use_gpu=False)
+    # And the GPU recipe can be asked for anywhere.
+    assert _recipe_values(parse_args(["--recipe", "scratch-gpu"])) == RECIPES["scratch-gpu"]
+    # A config built in code keeps its values: nothing says which were chosen.
+    built = TrainConfig(from_scratch=True, recipe="scratch", vit_size="tiny", image_size=32, use_gpu=True)
+    assert for_cluster(built) == built
+    # A given size that the GPU recipe's patches do not divide fails in one line.
+    with pytest.raises(ConfigError, match="multiple of the patch size 8"):
+        on_gpus(["--from-scratch", "--image-size", "36"])
 
 
 def test_explicit_flags_win_over_the_recipe():
@@ -81,6 +108,10 @@ def test_search_spaces_vary_what_each_recipe_needs():
     lr = RECIPES["scratch"]["lr"]
     assert scratch["lr"].lower == pytest.approx(lr / 3) and scratch["lr"].upper == pytest.approx(lr * 3)
     assert set(scratch["class_weights"].categories) == {"none", "sqrt"}
+
+    gpu = search_space(parse_args(["--recipe", "scratch-gpu"]))
+    assert sorted(gpu["patch_size"].categories) == [4, 8]  # 64 or 256 tokens at 64 px
+    assert sorted(gpu["image_size"].categories) == [48, 64, 80]
 
     pretrained = search_space(parse_args([]))
     varied = {k for k, v in pretrained.items() if isinstance(v, Domain)}
