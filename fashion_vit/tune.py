@@ -64,7 +64,8 @@ class TuneOutcome:
 
 @dataclass
 class Prepared:
-    """The data and preprocessing every trial shares, settled on the driver before Ray."""
+    """The data and preprocessing every trial shares, settled on the driver before Ray
+    (and its `recipe_inputs` again if the workers change the recipe)."""
 
     data: LoadedData
     splits: dict[str, np.ndarray]  # split name -> row indices into data.frame
@@ -81,18 +82,18 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     cfg = replace(cfg, name=resolve_experiment(cfg, storage))
     log(f"experiment {cfg.name} in {storage}" + (" (resuming)" if cfg.resume else ""))
 
-    # Ray first: what the workers get (GPUs or not) settles the scratch recipe, which
-    # settles the input size the images are decoded at.
-    t = time.perf_counter()
-    start_ray(cfg.address)
-    cfg = for_cluster(size_workers(cfg, cluster_nodes()))
-    timings["ray_start_s"] = time.perf_counter() - t
-    if cfg.recipe == "scratch-gpu" and "recipe" not in (cfg.user_set or ()):
-        log("GPU workers: the scratch-gpu recipe fills the values not given (--recipe scratch keeps the CPU one)")
-
     t = time.perf_counter()
     prepared = prepare(cfg, log)
     timings["data_load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    start_ray(cfg.address)
+    settled = for_cluster(size_workers(cfg, cluster_nodes()))
+    if settled.recipe != cfg.recipe:
+        log("GPU workers: the scratch-gpu recipe fills the values not given (--recipe scratch keeps the CPU one)")
+        prepared = replace(prepared, **recipe_inputs(settled, prepared.data, prepared.splits, prepared.prep))
+    cfg = settled
+    timings["ray_start_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     epoch_splits = {**prepared.splits, "train": prepared.epoch}
@@ -187,16 +188,26 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
         raise DataError("too few rows to hold out validation and test images; use more data")
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
     _, (mean, std) = create_model(cfg, data.labels, init)
-    sizes = [cfg.image_size, *(cfg.search_image_sizes or ())] if cfg.search != "none" else [cfg.image_size]
-    source_size = infer_source_size(data.frame["image"], max(sizes))
+    normalise = Preprocessing(image_size=cfg.image_size, source_size=(0, 0), mean=tuple(mean), std=tuple(std))
     return Prepared(
         data=data,
         splits=splits,
-        epoch=oversample(splits["train"], labels, cfg.sampling, cfg.seed),
         split_counts={k: class_counts(labels[v], len(data.labels)) for k, v in splits.items()},
-        prep=Preprocessing(image_size=cfg.image_size, source_size=source_size, mean=tuple(mean), std=tuple(std)),
         init=init,
+        **recipe_inputs(cfg, data, splits, normalise),
     )
+
+
+def recipe_inputs(cfg: TrainConfig, data: LoadedData, splits: dict, prep: Preprocessing) -> dict:
+    """What depends on the recipe's values, which the cluster may still change: the size
+    images are decoded at (the largest input size any trial may use) and one epoch's
+    training rows (--sampling). Keeps `prep`'s mean and std."""
+    sizes = [cfg.image_size, *(cfg.search_image_sizes or ())] if cfg.search != "none" else [cfg.image_size]
+    source_size = infer_source_size(data.frame["image"], max(sizes))
+    return {
+        "epoch": oversample(splits["train"], data.frame["label"].to_numpy(), cfg.sampling, cfg.seed),
+        "prep": replace(prep, image_size=cfg.image_size, source_size=source_size),
+    }
 
 
 def size_workers(cfg: TrainConfig, nodes: list[Node]) -> TrainConfig:
@@ -391,7 +402,6 @@ def trial_setup(cfg: TrainConfig, prepared: Prepared, datasets: dict, storage: s
     return {
         "train_config": asdict(cfg),
         "labels": prepared.data.labels,
-        "aux_classes": len(prepared.data.aux_labels or []),  # --aux-label's head, or 0
         "preprocessing": prepared.prep.to_dict(),
         "train_rows": datasets["train"].count(),
         "class_counts": prepared.split_counts["train"],  # for --class-weights
