@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, ending with one summary table (issue: "On a GPU: both jobs
 # seen working and GPU-bound"). On the GPU machine (from the project root, with .gpu/
-# and .gpudata/ carried; bench/gpu-prep.sh builds them here):
+# and a 12,000-image .gpudata/ carried in one call; `bash bench/gpu-prep.sh` builds them
+# here, and .gpux/ too, for a machine without matplotlib or pytest: see its header):
 #
 #   source .gpu/gpu-env.sh && bash .gpudata/unpack.sh && bash bench/gpu.sh
 #

@@ -135,12 +135,6 @@ class TrainConfig:
     label_column: str = option(
         DEFAULT_LABEL_COLUMN, "column to classify: masterCategory (6 labels), subCategory, articleType, ...", group=DATA
     )
-    aux_label: str | None = option(
-        None,
-        "also train a second head on this finer column (e.g. articleType), its loss added with weight 0.5; "
-        "the exported model keeps the main head only",
-        group=DATA,
-    )
     limit: int | None = option(
         None, "train on a stratified sample of this many rows (quick runs)", group=DATA, type=positive_int
     )

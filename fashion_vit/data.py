@@ -51,7 +51,6 @@ class LoadedData:
     labels: list[str]
     source: str
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped
-    aux_labels: list[str] | None = None  # --aux-label: the finer label set of column aux
     repaired: int = 0  # styles.csv lines whose unquoted commas were rejoined
 
     def summary(self) -> str:
@@ -72,7 +71,7 @@ def load_data(cfg: TrainConfig, labels: list[str] | None = None) -> LoadedData:
         table, dropped, repaired, source = _kaggle_table(cfg.data_dir, cfg.label_column)
     else:
         table, dropped, repaired, source = (
-            _hub_table(cfg.dataset, [cfg.label_column, *([cfg.aux_label] if cfg.aux_label else [])]),
+            _hub_table(cfg.dataset, [cfg.label_column]),
             {},
             0,
             f"hub dataset {cfg.dataset}",
@@ -108,19 +107,10 @@ def load_data(cfg: TrainConfig, labels: list[str] | None = None) -> LoadedData:
 
     if "image" not in table:  # Kaggle folder: where each image is; Ray tasks read it there
         table = table.assign(image=table["path"])
-    aux_labels = None
-    if cfg.aux_label:
-        if cfg.aux_label not in table.columns:
-            raise DataError(f"--aux-label {cfg.aux_label!r} is not a column of {source}")
-        aux = table[cfg.aux_label].astype("string").str.strip().fillna("").replace("", "(none)")
-        aux_labels = sorted(aux.unique())
-        table = table.assign(aux=aux.map({name: i for i, name in enumerate(aux_labels)}).astype(np.int64))
-    frame = table[["id", "label", "image", *(["aux"] if cfg.aux_label else [])]]
+    frame = table[["id", "label", "image"]]
     if frame.empty:
         raise DataError(f"no usable rows in {source}")
-    return LoadedData(
-        frame=frame, labels=labels, source=source, dropped=dropped, repaired=repaired, aux_labels=aux_labels
-    )
+    return LoadedData(frame=frame, labels=labels, source=source, dropped=dropped, repaired=repaired)
 
 
 def read_styles_csv(path: str) -> tuple[pd.DataFrame, int, int]:
@@ -290,7 +280,7 @@ def to_ray_datasets(
 
     out, undecodable = {}, 0
     for name, idx in splits.items():
-        part = frame.iloc[idx][[c for c in ("image", "label", "aux") if c in frame]]
+        part = frame.iloc[idx][["image", "label"]]
         # Several blocks so decoding runs in parallel tasks and shards split evenly.
         n_blocks = max(1, min(len(part) // 256, 64))
         chunks = [c for c in np.array_split(np.arange(len(part)), n_blocks) if len(c)]

@@ -51,8 +51,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     init = config.get("init")
     model, _ = create_model(cfg, labels, ray.get(init) if init is not None else None)
-    if config.get("aux_classes"):
-        model = WithAuxHead(model, config["aux_classes"])
     steps_per_epoch = math.ceil(train_rows / world / cfg.batch_size)
     optimizer = _adamw(model, cfg.lr, cfg.weight_decay)
     scheduler = _warmup_linear(optimizer, cfg.warmup_ratio, cfg.epochs * steps_per_epoch)
@@ -72,6 +70,9 @@ def train_loop_per_worker(config: dict) -> None:
             device=device,
             local_shuffle_buffer_size=min(SHUFFLE_BUFFER, max(train_rows // world, 1)),
             local_shuffle_seed=cfg.seed + epoch,
+            # From pinned memory the copy to a GPU is asynchronous; from pageable memory it
+            # waits behind the kernels already queued.
+            pin_memory=device.type == "cuda",
         )
         train_loss, seen = train_one_epoch(
             model,
@@ -86,22 +87,14 @@ def train_loop_per_worker(config: dict) -> None:
             autocast=autocast,
         )
         train_seconds = time.perf_counter() - t0
-        if rank == 0:  # the whole validation set, once; the sums below add zeros from other ranks
-            unwrapped = main_model(model)
-            val_loss, val_cm = evaluate(
-                unwrapped, val_data.iter_torch_batches(batch_size=256, device=device), prep, len(labels), autocast
-            )
-        else:
-            val_loss, val_cm = 0.0, np.zeros((len(labels), len(labels)), np.int64)
-
-        totals = _all_reduce(np.concatenate([[train_loss, seen, val_loss], val_cm.ravel()]), device, world)
-        train_loss, seen, val_loss = totals[:3]
-        val_cm = totals[3:].round().astype(np.int64).reshape(len(labels), len(labels))
-        report = classification_report(val_cm, labels)
+        val_batches = val_data.iter_torch_batches(batch_size=256, device=device) if rank == 0 else None
+        train_loss, seen, val_loss, report = _validate_and_sum(
+            model, val_batches, prep, labels, autocast, device, world, train_loss, seen
+        )
         metrics = {
             "epoch": epoch + 1,
             "train_loss": float(train_loss / max(seen, 1)),
-            "val_loss": float(val_loss / max(val_cm.sum(), 1)),
+            "val_loss": float(val_loss / max(report["num_examples"], 1)),
             METRIC: report["accuracy"],
             "val_macro_f1": report["macro_f1"],
             "epoch_seconds": time.perf_counter() - t0,
@@ -113,28 +106,23 @@ def train_loop_per_worker(config: dict) -> None:
         )
 
 
-AUX_WEIGHT = 0.5  # --aux-label's loss weight against the main label's
-
-
-class WithAuxHead(torch.nn.Module):
-    """The ViT with a second linear head on the same [CLS] feature, for a finer label
-    (--aux-label): forward returns (main logits, aux logits). Only the inner model is
-    evaluated and saved."""
-
-    def __init__(self, model, num_aux: int):
-        super().__init__()
-        self.model = model
-        self.aux = torch.nn.Linear(model.config.hidden_size, num_aux)
-
-    def forward(self, pixel_values):
-        cls = self.model.vit(pixel_values=pixel_values).last_hidden_state[:, 0]
-        return self.model.classifier(cls), self.aux(cls)
+def _validate_and_sum(model, val_batches, prep, labels, autocast, device, world: int, train_loss, seen):
+    """The whole validation set on rank 0 (`val_batches`; None elsewhere, whose zeros
+    add nothing), then the epoch's sums over all workers: (train loss sum, images seen,
+    val loss sum, val classification report)."""
+    k = len(labels)
+    if val_batches is not None:
+        val_loss, val_cm = evaluate(main_model(model), val_batches, prep, k, autocast)
+    else:
+        val_loss, val_cm = 0.0, np.zeros((k, k), np.int64)
+    totals = _all_reduce(np.concatenate([[train_loss, seen, val_loss], val_cm.ravel()]), device, world)
+    val_cm = totals[3:].round().astype(np.int64).reshape(k, k)
+    return totals[0], totals[1], totals[2], classification_report(val_cm, labels)
 
 
 def main_model(model):
-    """The ViTForImageClassification inside DDP and WithAuxHead wrappers."""
-    model = getattr(model, "module", model)
-    return model.model if isinstance(model, WithAuxHead) else model
+    """The ViTForImageClassification inside DDP's wrapper."""
+    return getattr(model, "module", model)
 
 
 def worker_device() -> torch.device:
@@ -156,8 +144,6 @@ def restore(checkpoint, model, optimizer, scheduler) -> int:
         saved = read_checkpoint(os.path.join(d, MODEL_FILE))
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     main_model(model).load_state_dict(saved.state_dict)
-    if "aux" in state:
-        model.aux.load_state_dict(state["aux"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["epoch"] + 1
@@ -186,9 +172,6 @@ def save_and_report(
                 os.path.join(tmp, MODEL_FILE), main_model(model), prep, train_config, {"val": val_report, **metrics}
             )
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
-            unwrapped = getattr(model, "module", model)
-            if isinstance(unwrapped, WithAuxHead):  # vit_model.pth keeps the main head only
-                state["aux"] = unwrapped.aux.state_dict()
             torch.save(state, os.path.join(tmp, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             print(
@@ -222,13 +205,8 @@ def train_one_epoch(
         x = preprocess(batch["image"], prep, augment=augment)
         y = batch["label"]
         with autocast():
-            out = model(pixel_values=x)
-        if isinstance(out, tuple):  # WithAuxHead: the finer label's loss joins in
-            logits, aux_logits = out
-            aux_loss = F.cross_entropy(aux_logits.float(), batch["aux"], label_smoothing=label_smoothing)
-            loss = _loss(logits.float(), y, weights, label_smoothing) + AUX_WEIGHT * aux_loss
-        else:
-            loss = _loss(out.logits.float(), y, weights, label_smoothing)
+            logits = model(pixel_values=x).logits
+        loss = _loss(logits.float(), y, weights, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm:
@@ -245,16 +223,17 @@ def train_one_epoch(
 def evaluate(model, batches, prep: Preprocessing, num_classes: int, autocast):
     """Returns (summed cross-entropy, confusion matrix) over `batches`."""
     model.eval()
-    loss_sum = 0.0
-    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64)
+    # Summed on the device and read once at the end, not synced every batch.
+    loss_sum, cm = 0.0, 0
     for batch in batches:
         x = preprocess(batch["image"], prep)
         y = batch["label"]
         with autocast():
             logits = model(pixel_values=x).logits.float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        cm += torch.bincount((y * num_classes + logits.argmax(1)).cpu(), minlength=num_classes * num_classes)
-    return loss_sum, cm.numpy().reshape(num_classes, num_classes)
+        loss_sum = loss_sum + F.cross_entropy(logits, y, reduction="sum").double()
+        cm = cm + torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    cm = cm.cpu().numpy() if torch.is_tensor(cm) else np.zeros(num_classes * num_classes, np.int64)
+    return float(loss_sum), cm.reshape(num_classes, num_classes)
 
 
 def _loss(logits, y, weights, label_smoothing: float):
