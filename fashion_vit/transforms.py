@@ -180,9 +180,9 @@ def preprocess(
 @functools.lru_cache(maxsize=16)
 def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(shift, scale) of shape (1, 3, 1, 1) on `device`, with (x / 255 - mean) / std equal to
-    shift + x * scale, made once per device. Made from Python floats per batch, they
-    were a blocking copy to the GPU, which waits for every queued kernel: the host could
-    never run a step ahead, and an H100 sat idle 60 % of the training time."""
+    shift + x * scale, made once per device. Made from Python floats every batch, they
+    were a blocking copy to the GPU, which waits for every queued kernel, so the host
+    could not run a step ahead (the H100 run that did so was idle ~60 % of its epochs)."""
     std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     return (-mean_t / std_t).to(device), (1.0 / (255.0 * std_t)).to(device)
