@@ -12,11 +12,7 @@
 # runs the same on --limit 600 --epochs 2, to try the script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
-DATA=${FASHION_SMALL:-/tmp/fashion-small}
-[ -f "$DATA/styles.csv" ] || DATA=../shared/data/fashion-small
-[ -f "$DATA/styles.csv" ] || { echo "gpu-recipe.sh: no images: unpack .gpudata or set FASHION_SMALL" >&2; exit 2; }
+source bench/gpu-common.sh
 OUT=${GPU_BENCH_OUT:-bench/out/gpu-recipe}
 BUDGET=${GPU_RECIPE_BUDGET:-570}
 RUN=$(mktemp -d)/recipe  # the model and Ray's experiment stay out of OUT: too big to bring back

@@ -19,11 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
-DATA=${FASHION_SMALL:-/tmp/fashion-small}
-[ -f "$DATA/styles.csv" ] || DATA=../shared/data/fashion-small
-[ -f "$DATA/styles.csv" ] || { echo "gpu.sh: no images: unpack .gpudata or set FASHION_SMALL" >&2; exit 2; }
+source bench/gpu-common.sh
 OUT=${GPU_BENCH_OUT:-bench/out/gpu}
 mkdir -p "$OUT"
 IMAGES=$(ls "$DATA/images" | wc -l)
