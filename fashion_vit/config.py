@@ -245,7 +245,7 @@ class TrainConfig:
     sampling: str = option(
         "none",
         "oversample the rare classes' training images each epoch: none; sqrt (a class of n images is seen "
-        "round(sqrt(n_max / n)) times an epoch); balanced (n_max / n times, at most 100)",
+        "sqrt(n_max / n) times an epoch, in expectation); balanced (n_max / n times, at most 100)",
         group=TRAINING,
         scratch="none",
         scratch_gpu="sqrt",
@@ -395,7 +395,7 @@ RECIPES = {
     "scratch": {f.name: f.metadata["scratch"] for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
     # The same on GPUs, which do ~100x a CPU's arithmetic: a small ViT at 64 px in 8-pixel
     # patches (64 tokens instead of 4), random crops, rare classes seen more often, 30
-    # epochs. Measured: README, "The scratch recipe on a GPU".
+    # epochs. Measured: README, "On a GPU" and the rare-class table under "Measured".
     "scratch-gpu": {f.name: f.metadata["scratch_gpu"] for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
 }
 SCRATCH_RECIPES = ("scratch", "scratch-gpu")
