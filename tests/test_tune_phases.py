@@ -14,6 +14,7 @@ from fashion_vit.tune import (
     _creation_order,
     pick_best,
     prepare,
+    recipe_inputs,
     resolve_experiment,
     size_workers,
     trials_that_fit,
@@ -145,3 +146,23 @@ def test_prepare_splits_checks_the_model_and_settles_the_decode_size(samples):
     # Decoded once at the largest size a trial may use (60x80 images shrunk to fit 48).
     assert max(prepared.prep.source_size) == 48 and prepared.prep.image_size == 32
     assert prepared.init is None
+
+
+def test_gpu_workers_settle_the_recipes_inputs_again(samples):
+    """--from-scratch is prepared with the CPU recipe before Ray starts; once the workers
+    turn out to have GPUs, the scratch-gpu recipe's decode size and epoch are settled again
+    from the same split (what jobs/tune.py does between Ray's start and decoding)."""
+    from dataclasses import replace
+
+    from fashion_vit.config import for_cluster
+    from jobs.tune import parse_args
+
+    cfg = parse_args(["--data-dir", str(samples["train"]), "--from-scratch", "--limit", "300"])
+    prepared = prepare(cfg, log=lambda *_: None)
+    assert max(prepared.prep.source_size) == 32 and len(prepared.epoch) == len(prepared.splits["train"])
+    gpu = for_cluster(replace(cfg, use_gpu=True))
+    again = recipe_inputs(gpu, prepared.data, prepared.splits, prepared.prep)
+    assert again["prep"].source_size == (64, 48) and again["prep"].image_size == 64  # 60x80 shrunk to fit 64
+    assert (again["prep"].mean, again["prep"].std) == (prepared.prep.mean, prepared.prep.std)
+    assert len(again["epoch"]) > len(prepared.splits["train"])  # sqrt sampling repeats the rare classes
+    assert set(again["epoch"]) == set(prepared.splits["train"])  # from the training split only
