@@ -33,7 +33,7 @@ timeout $((BUDGET - 25)) $PY jobs/tune.py --data-dir "$DATA" --from-scratch --ou
 echo "tune.py rc=$? wall $((SECONDS - t0))s" | tee "$OUT/steps.txt"
 [ -n "${sampler:-}" ] && kill "$sampler"
 cp "$RUN"/summary.json "$RUN"/report.md "$RUN"/*.png "$OUT"/ 2>/dev/null
-grep -E "^epoch |^accuracy|^best trial|^time:|GPU workers|recipe" "$OUT/tune.log" | tail -40
+grep -E "^epoch |^accuracy|^best trial|^time:|GPU workers" "$OUT/tune.log" | tail -40
 [ -f "$OUT/gpu_util.csv" ] && awk -F', ' '{gsub(/ %/,"",$2); s+=$2; n++} END {if (n) printf "GPU utilisation: mean %.0f %% over %d samples\n", s/n, n}' "$OUT/gpu_util.csv"
 
 left=$((BUDGET - SECONDS))

@@ -91,7 +91,8 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     settled = for_cluster(size_workers(cfg, cluster_nodes()))
     if settled.recipe != cfg.recipe:
         log("GPU workers: the scratch-gpu recipe fills the values not given (--recipe scratch keeps the CPU one)")
-        prepared = replace(prepared, **recipe_inputs(settled, prepared.data, prepared.splits, prepared.prep))
+        mean_std = (prepared.prep.mean, prepared.prep.std)
+        prepared = replace(prepared, **recipe_inputs(settled, prepared.data, prepared.splits, mean_std))
     cfg = settled
     timings["ray_start_s"] = time.perf_counter() - t
 
@@ -188,25 +189,24 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
         raise DataError("too few rows to hold out validation and test images; use more data")
     init = read_checkpoint(cfg.init_from) if cfg.init_from else None
     _, (mean, std) = create_model(cfg, data.labels, init)
-    normalise = Preprocessing(image_size=cfg.image_size, source_size=(0, 0), mean=tuple(mean), std=tuple(std))
     return Prepared(
         data=data,
         splits=splits,
         split_counts={k: class_counts(labels[v], len(data.labels)) for k, v in splits.items()},
         init=init,
-        **recipe_inputs(cfg, data, splits, normalise),
+        **recipe_inputs(cfg, data, splits, (tuple(mean), tuple(std))),
     )
 
 
-def recipe_inputs(cfg: TrainConfig, data: LoadedData, splits: dict, prep: Preprocessing) -> dict:
-    """What depends on the recipe's values, which the cluster may still change: the size
-    images are decoded at (the largest input size any trial may use) and one epoch's
-    training rows (--sampling). Keeps `prep`'s mean and std."""
+def recipe_inputs(cfg: TrainConfig, data: LoadedData, splits: dict, mean_std: tuple) -> dict:
+    """What depends on the recipe's values, which the cluster may still change: the
+    preprocessing, whose decode size is the largest input size any trial may use (its
+    mean and std are the model's), and one epoch's training rows (--sampling)."""
     sizes = [cfg.image_size, *(cfg.search_image_sizes or ())] if cfg.search != "none" else [cfg.image_size]
     source_size = infer_source_size(data.frame["image"], max(sizes))
     return {
         "epoch": oversample(splits["train"], data.frame["label"].to_numpy(), cfg.sampling, cfg.seed),
-        "prep": replace(prep, image_size=cfg.image_size, source_size=source_size),
+        "prep": Preprocessing(cfg.image_size, source_size, *mean_std),
     }
 
 

@@ -161,7 +161,7 @@ def test_gpu_workers_settle_the_recipes_inputs_again(samples):
     prepared = prepare(cfg, log=lambda *_: None)
     assert max(prepared.prep.source_size) == 32 and len(prepared.epoch) == len(prepared.splits["train"])
     gpu = for_cluster(replace(cfg, use_gpu=True))
-    again = recipe_inputs(gpu, prepared.data, prepared.splits, prepared.prep)
+    again = recipe_inputs(gpu, prepared.data, prepared.splits, (prepared.prep.mean, prepared.prep.std))
     assert again["prep"].source_size == (64, 48) and again["prep"].image_size == 64  # 60x80 shrunk to fit 64
     assert (again["prep"].mean, again["prep"].std) == (prepared.prep.mean, prepared.prep.std)
     assert len(again["epoch"]) > len(prepared.splits["train"])  # sqrt sampling repeats the rare classes
