@@ -406,15 +406,15 @@ RECIPES = {
     "pretrained": {f.name: f.default for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
     # Random weights. The images are 60x80: a tiny ViT at 32 px (4 patches of 16) trains
     # ~20x faster than at 224, so it gets many epochs, with the rate and regularisation
-    # that random weights need. Measured choices: README, "Training without pretrained weights".
+    # that random weights need. Measured choices: docs/training.md, "Training without pretrained weights".
     "scratch": {f.name: f.metadata["scratch"] for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
     # The same on GPUs, which do ~100x a CPU's arithmetic: a small ViT at 64 px in 8-pixel
     # patches (64 tokens instead of 4), random crops, rare classes seen more often, 30
-    # epochs. Measured: README, "On a GPU" and the rare-class table under "Measured".
+    # epochs. Measured: docs/gpu.md and the rare-class table in docs/benchmarks.md.
     "scratch-gpu": {f.name: f.metadata["scratch_gpu"] for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
     # The seed's fine-tune takes hours on 2 CPU cores; this one fine-tunes the same kind of
-    # checkpoint in about 15 minutes on all of fashion-small. Measured choices: README,
-    # "Pretrained weights on a CPU".
+    # checkpoint in about 15 minutes on all of fashion-small. Measured choices:
+    # docs/training.md, "Pretrained weights on a CPU".
     "pretrained-cpu": {f.name: f.metadata["pretrained_cpu"] for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
 }
 SCRATCH_RECIPES = ("scratch", "scratch-gpu")
