@@ -28,6 +28,7 @@ import asyncio
 import io
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -242,6 +243,13 @@ def main() -> None:
     p.add_argument("--batch-images", type=int, default=0, help="also measure the batch job on this many images")
     p.add_argument("--max-batch-size", type=int, help="for the app this script starts (default: ServeConfig's)")
     p.add_argument("--batch-wait-ms", type=float, help="for the app this script starts (default: ServeConfig's)")
+    p.add_argument(
+        "--sweep",
+        nargs="+",
+        metavar="SIZE:WAIT_MS",
+        help="instead of the report: each max_batch_size:batch_wait_ms in turn, --rounds times interleaved",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="rounds of --sweep")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
@@ -253,7 +261,12 @@ def main() -> None:
         started, url = start_app(args, model)
     else:
         url = args.url.rstrip("/")
+    if args.sweep and started is None:
+        sys.exit("--sweep redeploys the app: it needs the app this script starts (no --url)")
     try:
+        if args.sweep:
+            print(sweep(args, url, images, started))
+            return
         report, served_rate = measure(args, url, model, images, started)
     finally:
         if started is not None:
@@ -327,6 +340,30 @@ def measure(args, url: str, model: str, images: list[bytes], started) -> tuple[s
         f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; bench {time.perf_counter() - t_start:.0f}s"
     )
     return "\n".join(out), levels[top].rate
+
+
+def sweep(args, url: str, images: list[bytes], started) -> str:
+    """Latency at the lowest concurrency and throughput at the highest for each batch setting."""
+    low, top = min(args.concurrency), max(args.concurrency)
+    settings = [tuple(float(v) for v in text.split(":")) for text in args.sweep]
+    results: dict[tuple, list[tuple[float, float, float]]] = {s: [] for s in settings}
+    for r in range(args.rounds):
+        for size, wait in settings:
+            redeploy(replace(started, max_batch_size=int(size), batch_wait_ms=wait))
+            asyncio.run(load_level(url, images, top, args.warmup, args.duration))
+            one = asyncio.run(load_level(url, images, low, args.requests // 4, args.duration))
+            many = asyncio.run(load_level(url, images, top, args.requests, args.duration))
+            p50, p99 = np.percentile(one.latencies_ms, [50, 99])
+            results[(size, wait)].append((p50, p99, many.rate))
+            print(f"round {r + 1}: batch {int(size)}, wait {wait:g} ms: c={low} p50 {p50:.1f} ms p99 {p99:.1f} ms; "
+                  f"c={top} {many.rate:.0f}/s (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)  # fmt: skip
+    out = [f"| max_batch_size | batch_wait_ms | p50 ms at {low} | p99 ms at {low} | requests/s at {top} |"]
+    out.append("| --- " * 5 + "|")
+    for (size, wait), runs in results.items():
+        p50, p99, rate = (statistics.median(v) for v in zip(*runs, strict=True))
+        out.append(f"| {int(size)} | {wait:g} | {p50:.1f} | {p99:.1f} | {rate:.0f} |")
+    out.append(f"medians of {args.rounds} rounds; machine: {os.cpu_count()} CPUs")
+    return "\n".join(out)
 
 
 def batch_job_rate(args, model: str) -> float:
