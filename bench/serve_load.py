@@ -250,6 +250,7 @@ def main() -> None:
         help="instead of the report: each max_batch_size:batch_wait_ms in turn, --rounds times interleaved",
     )
     p.add_argument("--rounds", type=int, default=2, help="rounds of --sweep")
+    p.add_argument("--access-log", action="store_true", help="the app this script starts logs every request")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
@@ -289,7 +290,7 @@ def start_app(args, model: str):
     from fashion_vit import serve as serving
     from fashion_vit.config import ServeConfig
 
-    cfg = ServeConfig(model=model, port=args.port)
+    cfg = ServeConfig(model=model, port=args.port, access_log=args.access_log)
     if args.max_batch_size is not None:
         cfg = replace(cfg, max_batch_size=args.max_batch_size)
     if args.batch_wait_ms is not None:

@@ -575,6 +575,15 @@ class ServeConfig:
         type=positive_float,
     )
     max_files: int = option(16, "most files in one multipart request", type=positive_int)
+    max_ongoing_requests: int = option(
+        64,
+        "requests a replica takes at once (they wait in its batch queue); more wait in Serve's proxy, which retries "
+        "with a backoff of up to 0.5 s: keep it above the clients' concurrency per replica",
+        type=positive_int,
+    )
+    access_log: bool = option(
+        False, "log every request (Serve's access log: the replicas' log files, and this console)", action="store_true"
+    )
     address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
     def validate(self) -> ServeConfig:
@@ -596,6 +605,7 @@ class ServeConfig:
             ("--cpus-per-replica", self.cpus_per_replica),
             ("--max-batch-size", self.max_batch_size),
             ("--max-files", self.max_files),
+            ("--max-ongoing-requests", self.max_ongoing_requests),
         ):
             _positive(flag, value)
         if not 0 <= self.batch_wait_ms <= 1000:
