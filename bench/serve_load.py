@@ -88,9 +88,12 @@ def load_images(data: Path, n: int) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-async def load_level(url: str, images: list[bytes], concurrency: int, requests: int, duration: float) -> Level:
+async def load_level(
+    url: str, images: list[bytes], concurrency: int, requests: int, duration: float, health: bool = False
+) -> Level:
     """`concurrency` clients posting single images back to back until `requests` were
-    sent or `duration` seconds passed."""
+    sent or `duration` seconds passed; with `health`, GET /healthz instead (the HTTP path
+    through Serve without decoding or the model)."""
     sent = 0
     latencies: list[float] = []
     errors = 0
@@ -104,7 +107,10 @@ async def load_level(url: str, images: list[bytes], concurrency: int, requests: 
                 body = images[sent % len(images)]
                 sent += 1
                 t = time.perf_counter()
-                r = await client.post(url + "/predict", content=body, headers={"content-type": "image/jpeg"})
+                if health:
+                    r = await client.get(url + "/healthz")
+                else:
+                    r = await client.post(url + "/predict", content=body, headers={"content-type": "image/jpeg"})
                 if r.status_code == 200:
                     latencies.append((time.perf_counter() - t) * 1000)
                 else:
@@ -317,6 +323,9 @@ def measure(args, url: str, model: str, images: list[bytes], started) -> tuple[s
         out.append(levels[c].row("batched"))
         print(out[-1], file=sys.stderr, flush=True)
     top = max(args.concurrency)
+    # Where the time goes that a batch job does not spend: the HTTP path alone.
+    health = asyncio.run(load_level(url, images, top, args.requests, args.duration, health=True))
+    out.append(health.row("GET /healthz (no decode, no model)"))
     if started is not None and not args.no_unbatched:
         redeploy(replace(started, max_batch_size=1, batch_wait_ms=0))
         asyncio.run(load_level(url, images, top, args.warmup, args.duration))

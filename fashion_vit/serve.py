@@ -399,20 +399,41 @@ def run(cfg: ServeConfig, log=print) -> str:
     deploy the application and wait until it is ready. Returns its base URL."""
     from fashion_vit.cluster import start_ray
 
+    # Joining a cluster, Serve may already listen on the port here, for this application to share.
+    if cfg.address is None and not os.environ.get("RAY_ADDRESS"):
+        check_port_free(cfg.host, cfg.port)
     load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log(f"listening on {cfg.host}: the endpoint has no authentication; see docs/serving.md for a gateway")
     start_ray(cfg.address)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    except Exception as e:  # e.g. the proxy could not bind: Serve raises it from the proxy actor
+        raise ServeError(f"Serve did not start: {_last_line(e)}") from None
     host, port = _listening_on(cfg)
     t = time.perf_counter()
     try:
         serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-    except RuntimeError as e:  # a replica that cannot start: Serve gives up after retries
-        raise ServeError(f"the application did not start: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:  # a replica that cannot start: Serve gives up after retries
+        raise ServeError(f"the application did not start: {_last_line(e)}") from None
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     log(f"serving {cfg.model} at {url} (ready in {time.perf_counter() - t:.1f}s)")
     return url
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError if host:port cannot be bound, before Ray starts: Serve's proxy would
+    fail on it only after Ray's start, with its traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({e.strerror}): another program holds the port, or it is not an "
+            "address of this machine; pick another --port or --host (to join a Ray cluster, give --address)"
+        ) from None
 
 
 def _listening_on(cfg: ServeConfig) -> tuple[str, int]:
@@ -429,19 +450,13 @@ def _listening_on(cfg: ServeConfig) -> tuple[str, int]:
             f"Serve already runs on this Ray cluster at {http.host}:{http.port}; "
             f"pass --host {http.host} --port {http.port}, or stop that Serve first (serve shutdown)"
         )
-    _check_port(http.host, http.port)
     return http.host, http.port
 
 
-def _check_port(host: str, port: int) -> None:
-    """Serve's proxy logs and retries when its port is taken; say so instead of waiting."""
-    for _ in range(50):
-        try:
-            with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "::") else host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise ServeError(f"Serve's HTTP proxy is not listening on {host}:{port} (is the port taken by another program?)")
+def _last_line(e: Exception) -> str:
+    """The cause's own message: Ray wraps it under a remote traceback."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
 
 
 def stop() -> None:

@@ -109,8 +109,13 @@ def test_cli_refuses_bad_flags_before_starting_anything(tmp_path, capsys):
     model.write_bytes(b"")
     assert serve_job.main(["--model", str(model), "--num-replicas", "2", "--max-replicas", "3"]) == 2
     assert serve_job.main(["--model", str(model), "--max-replicas", "2", "--min-replicas", "3"]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert serve_job.main(["--model", str(model), "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and "does not exist" in err[0] and "not both" in err[1] and "--min-replicas" in err[2]
+    assert len(err) == 4 and "does not exist" in err[0] and "not both" in err[1] and "--min-replicas" in err[2]
+    assert "cannot listen" in err[3]
 
 
 def test_cli_refuses_a_hostile_model_file_in_one_line(tmp_path, capsys):
