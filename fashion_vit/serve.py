@@ -385,7 +385,11 @@ def app_builder(args: dict) -> serve.Application:
             argv.append("--gpu" if str(value).lower() in ("1", "true", "yes") else "--cpu")
         elif value is not None:
             argv += [flag, str(value)]
-    return build_app(ServeConfig(**parse_config(ServeConfig, argv, "app_builder", "")).validate())
+    try:
+        flags = parse_config(ServeConfig, argv, "app_builder", "")
+    except SystemExit:  # argparse has printed why; Serve's build task must get an exception, not an exit
+        raise ConfigError(f"invalid application args {args}") from None
+    return build_app(ServeConfig(**flags).validate())
 
 
 def _cluster_has_gpus() -> bool:

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 
+import httpx
 import pytest
 import yaml
 from PIL import Image
@@ -30,8 +31,6 @@ from fashion_vit.serve import (
     parse_top_k,
 )
 from tests.conftest import ROOT, Exploit
-
-httpx = pytest.importorskip("httpx")
 
 MAX_IMAGE_MB = 1  # small, so that the over-the-limit request is quick to send
 
@@ -96,7 +95,13 @@ def test_serve_config_file_is_a_valid_serve_config(tmp_path):
     model = tmp_path / "vit_model.pth"
     model.write_bytes(b"")  # the builder checks that it exists; the replicas load it
     args = {**app["args"], "model": str(model)}
-    assert app_builder(args) is not None
+    from ray.serve import Application
+
+    assert isinstance(app_builder(args), Application)
+    # `serve run fashion_vit.serve:app_builder key=value` passes strings: converted as the flags are.
+    assert isinstance(app_builder({"model": str(model), "max_batch_size": "32", "use_gpu": "false"}), Application)
+    with pytest.raises(ConfigError, match="invalid application args"):
+        app_builder({"model": str(model), "max_batch_size": "many"})
     with pytest.raises(ConfigError, match="unknown argument"):
         app_builder({**args, "modle": "x"})
 
