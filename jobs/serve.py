@@ -26,15 +26,15 @@ def parse_args(argv=None) -> ServeConfig:
     return ServeConfig(**parse_config(ServeConfig, argv, "serve.py", __doc__))
 
 
-def main(argv=None, stop: threading.Event | None = None) -> int:
-    """stop: set it to end serving (tests); otherwise Ctrl-C or SIGTERM (`ray job stop`) ends it."""
+def main(argv=None) -> int:
+    """Serves until Ctrl-C, or SIGTERM (what `ray job stop` sends)."""
 
     def job():
         cfg = parse_args(argv).validate()
         url = serving.run(cfg)
         try:
             print(f"POST {url}/predict, GET {url}/healthz, GET {url}/ (Ctrl-C to stop)", flush=True)
-            _wait(stop)
+            _wait_for_stop()
         finally:
             serving.stop()
             print("stopped", flush=True)
@@ -42,11 +42,9 @@ def main(argv=None, stop: threading.Event | None = None) -> int:
     return run_job("serve.py", job)
 
 
-def _wait(stop: threading.Event | None) -> None:
-    if stop is None:
-        stop = threading.Event()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+def _wait_for_stop() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(1.0):
             pass
