@@ -568,6 +568,89 @@ def pretrained_patch_size(model: str) -> int:
         return 16
 
 
+# Measured on the 2-core machine with the scratch model (docs/serving.md, "Choosing the batch").
+SERVE_MAX_BATCH_SIZE = 16
+SERVE_BATCH_WAIT_MS = 2.0
+
+
+@dataclass
+class ServeConfig:
+    model: str = option("results/vit_model.pth", "vit_model.pth from jobs/tune.py, or a Hugging Face model folder")
+    host: str = option(
+        "127.0.0.1",
+        "address to listen on; 0.0.0.0 exposes the endpoint to the network, which has no authentication of its own "
+        "(put a gateway in front: docs/serving.md)",
+    )
+    port: int = option(8000, "HTTP port", type=positive_int)
+    num_replicas: int | None = option(
+        None, "replicas serving the model (default: 1); exclusive with --max-replicas", type=positive_int
+    )
+    max_replicas: int | None = option(
+        None, "scale between --min-replicas and this many replicas with the load (Serve autoscaling)", type=positive_int
+    )
+    min_replicas: int = option(1, "with --max-replicas: the fewest replicas kept", type=int)
+    use_gpu: bool | None = option(
+        None,
+        "one GPU per replica (default: when the cluster has GPUs)",
+        flag="--gpu",
+        negative=("--cpu", "serve on CPUs even if GPUs exist"),
+    )
+    cpus_per_replica: int = option(
+        1, "CPUs each replica reserves; a CPU replica runs this many torch threads", type=positive_int
+    )
+    max_batch_size: int = option(SERVE_MAX_BATCH_SIZE, "most images in one forward pass", type=positive_int)
+    batch_wait_ms: float = option(
+        SERVE_BATCH_WAIT_MS, "how long a batch waits for more images after its first, in ms; 0: no waiting", type=float
+    )
+    max_image_mb: float = option(
+        20.0, "largest request body in MB (one image, or all the files of a multipart request)", type=positive_float
+    )
+    max_image_mpx: float = option(
+        50.0,
+        "largest image in megapixels, read from its header before decoding (a decompression bomb is refused)",
+        type=positive_float,
+    )
+    max_files: int = option(16, "most files in one multipart request", type=positive_int)
+    max_ongoing_requests: int = option(
+        64,
+        "requests a replica takes at once (they wait in its batch queue); more wait in Serve's proxy, which retries "
+        "with a backoff of up to 0.5 s: keep it above the clients' concurrency per replica",
+        type=positive_int,
+    )
+    access_log: bool = option(
+        False, "log every request (Serve's access log: the replicas' log files, and this console)", action="store_true"
+    )
+    address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+    def validate(self) -> ServeConfig:
+        if not is_uri(self.model) and not os.path.exists(self.model):
+            raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")
+        if self.num_replicas is not None and self.max_replicas is not None:
+            raise ConfigError("give --num-replicas (a fixed count) or --max-replicas (autoscaling), not both")
+        if self.num_replicas is not None:
+            _positive("--num-replicas", self.num_replicas)
+        if self.max_replicas is not None:
+            _positive("--max-replicas", self.max_replicas)
+            if not 0 <= self.min_replicas <= self.max_replicas:
+                raise ConfigError(
+                    f"--min-replicas must be between 0 and --max-replicas ({self.max_replicas}), got {self.min_replicas}"
+                )
+        for flag, value in (
+            ("--cpus-per-replica", self.cpus_per_replica),
+            ("--max-batch-size", self.max_batch_size),
+            ("--max-files", self.max_files),
+            ("--max-ongoing-requests", self.max_ongoing_requests),
+        ):
+            _positive(flag, value)
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ConfigError(f"--batch-wait-ms must be between 0 and 1000, got {self.batch_wait_ms}")
+        if not self.max_image_mb > 0 or not self.max_image_mpx > 0:
+            raise ConfigError("--max-image-mb and --max-image-mpx must be positive")
+        return self
+
+
 def check_kaggle_folder(flag: str, folder: str, label_column: str | None = None) -> None:
     """A folder with styles.csv (and, if given, that column in its header). A URI is
     checked when the data is read: that needs its filesystem, and credentials."""

@@ -79,3 +79,44 @@ def test_evaluate_on_cuda_agrees_with_the_stored_test_report(trained_on_gpu, tmp
     stored = json.loads((out / "summary.json").read_text())["best"]["test"]
     assert metrics["num_examples"] == stored["num_examples"]
     assert abs(metrics["accuracy"] - stored["accuracy"]) <= 2 / stored["num_examples"]
+
+
+def test_serve_replica_takes_a_gpu_and_answers_like_the_model_on_cpu(trained, ray_session, shared_data):
+    """jobs/serve.py's application on a GPU: the replica holds one GPU, and its answers
+    (bf16 autocast) agree with the same model run on the CPU."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from fashion_vit import serve as serving
+    from fashion_vit.config import ServeConfig
+    from fashion_vit.model import read_checkpoint
+    from fashion_vit.transforms import decode_image, preprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model_path = str(trained / "vit_model.pth")
+    url = serving.run(ServeConfig(model=model_path, port=port, use_gpu=True).validate(), log=lambda *a: None)
+    try:
+        filters = [("class_name", "=", f"ServeReplica:{serving.APP_NAME}:{serving.DEPLOYMENT_NAME}")]
+        (replica,) = list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, detail=True)
+        assert replica.required_resources.get("GPU") == 1
+        paths = sorted((shared_data / "images").iterdir())[:32]
+        with httpx.Client(base_url=url, timeout=60) as client, ThreadPoolExecutor(16) as pool:
+            post = lambda p: client.post("/predict", content=p.read_bytes(), headers={"content-type": "image/jpeg"})
+            answers = [r.json() for r in pool.map(post, paths)]
+    finally:
+        serve.shutdown()
+    saved = read_checkpoint(model_path)
+    model, prep = saved.build()
+    x = torch.from_numpy(np.stack([decode_image(p.read_bytes(), prep.source_size) for p in paths]))
+    with torch.no_grad():
+        conf, idx = model(pixel_values=preprocess(x, prep)).logits.softmax(1).max(1)
+    agree = [a["predicted_category"] == saved.labels[i] for a, i in zip(answers, idx.tolist(), strict=True)]
+    assert np.mean(agree) >= 0.95  # bf16 on the GPU against fp32 here: a near-tie may flip
+    assert max(abs(a["confidence"] - c) for a, c in zip(answers, conf.tolist(), strict=True)) < 0.05
