@@ -164,6 +164,7 @@ def source_shape(cfg: TrainConfig) -> str:
 
 def read_kaggle_folder(cfg: TrainConfig) -> Rows:
     """DIR/styles.csv (one row per product, `id` and the label column) + DIR/images/<id>.jpg."""
+    assert cfg.data_dir is not None  # source_shape chose this reader for it
     data_dir = absolute(cfg.data_dir)
     table, repaired, short = read_styles_csv(join(data_dir, "styles.csv"))
     if cfg.label_column not in table.columns:
@@ -190,6 +191,7 @@ def read_class_folders(cfg: TrainConfig) -> Rows:
     """DIR/<label>/**/<image>, as torchvision's ImageFolder: one folder per class, the
     folder's name its label, images at any depth below it. The key is the image's path
     below DIR. Other files are counted, never used."""
+    assert cfg.data_dir is not None
     root = absolute(cfg.data_dir).rstrip("/") or "/"
     dropped = Counter({"not in a class folder": len(names_in(root))})
     records = []
@@ -216,6 +218,7 @@ def read_label_table(cfg: TrainConfig) -> Rows:
     """A table with an image reference and a label per row. A reference is an absolute
     path, a path relative to the table's folder, or a URI (s3://, gs://, file://); the
     resolved reference is the row's key. See `usable_references` for what is dropped."""
+    assert cfg.labels_table is not None
     path, image_column = cfg.labels_table, cfg.image_column
     try:
         check_table(path, [("--image-column", image_column), ("--label-column", cfg.label_column)])

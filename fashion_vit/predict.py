@@ -173,9 +173,8 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
         if cfg.inputs:
             found.append(f"no image files under {', '.join(cfg.inputs)} ({listing['ignored']} other files ignored)")
         raise PredictError(" and ".join(found))
-    log(
-        f"{listing['found']} images ({listing.get('table_rows', 0)} table rows), {listing['ignored']} other files ignored"
-    )
+    from_table = f" ({listing['table_rows']} table rows)" if listing.get("table_rows") else ""
+    log(f"{listing['found']} image files{from_table}, {listing['ignored']} other files ignored")
 
     t = time.perf_counter()
     start_ray(cfg.address)
@@ -423,6 +422,7 @@ def list_table(cfg: PredictConfig, write) -> int:
     gets an error). Returns the number of rows."""
     import pyarrow as pa
 
+    assert cfg.input_table is not None
     folder = parent(absolute(cfg.input_table))
     wanted = list(dict.fromkeys([cfg.path_column, *cfg.keep_columns]))
     n = 0
