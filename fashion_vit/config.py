@@ -9,6 +9,7 @@ so a checkpoint always says how it was made.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 
@@ -81,6 +82,7 @@ def option(
     flag: str | None = None,
     scratch=NOT_IN_RECIPE,
     scratch_gpu=NOT_IN_RECIPE,
+    pretrained_cpu=NOT_IN_RECIPE,
     searched: bool = False,
     negative: tuple[str, str] | None = None,
     cli_default=MISSING,
@@ -95,6 +97,7 @@ def option(
     scratch: the scratch recipe's value; a field with one is a recipe field, whose flag
       defaults to None so that a value the user gives can be told from the recipe's.
     scratch_gpu: the scratch recipe's value on GPU workers, where it differs (see `for_cluster`).
+    pretrained_cpu: the pretrained-cpu recipe's value, where it differs from the seed's (`default`).
     searched: a search may vary it per trial (the space itself is in tune.search_space).
     negative: (flag, help) of a second flag that sets the field to False, exclusive with the first.
     cli_default: the flag's default when it differs from the field's (the help then says it).
@@ -106,6 +109,7 @@ def option(
         "flag": flag,
         "scratch": scratch,
         "scratch_gpu": scratch if scratch_gpu is NOT_IN_RECIPE else scratch_gpu,
+        "pretrained_cpu": default if pretrained_cpu is NOT_IN_RECIPE else pretrained_cpu,
         "searched": searched,
         "negative": negative,
         "cli_default": cli_default,
@@ -206,9 +210,10 @@ class TrainConfig:
     recipe: str = option(
         "pretrained",
         "where unset training values come from (default: scratch with --from-scratch, scratch-gpu when the workers "
-        "have GPUs, else pretrained; scratch and scratch-gpu imply --from-scratch)",
+        "have GPUs, else pretrained; scratch and scratch-gpu imply --from-scratch; pretrained-cpu fine-tunes "
+        "--model in about 15 minutes on 2 CPU cores, and is only ever used when asked for)",
         group=TRAINING,
-        choices=("pretrained", "scratch", "scratch-gpu"),
+        choices=("pretrained", "pretrained-cpu", "scratch", "scratch-gpu"),
         cli_default=None,
     )
     # The recipe fields (and "recipe") set on the command line (`with_recipe`); the others
@@ -236,6 +241,15 @@ class TrainConfig:
         scratch=0.1,
         searched=True,
         type=float,
+    )
+    layer_decay: float = option(
+        1.0,
+        "layer-wise learning-rate decay for a pretrained model: block i of L trains at lr x decay^(L + 1 - i), the "
+        "embeddings at lr x decay^(L + 1), the head at lr; 1 for one rate throughout",
+        group=TRAINING,
+        scratch=1.0,
+        searched=True,
+        type=positive_float,
     )
     label_smoothing: float = option(
         0.0, "cross-entropy label smoothing", group=TRAINING, scratch=0.1, searched=True, type=float
@@ -353,13 +367,14 @@ class TrainConfig:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         sizes = [("--image-size", self.image_size)] + [
             ("--search-image-sizes", s) for s in self.search_image_sizes or ()
         ]
-        # A pretrained checkpoint's patch size is its own; the default one's is 16.
-        patch = self.patch_size if self.from_scratch else 16
+        patch = self.patch_size if self.from_scratch else pretrained_patch_size(self.model)
         if not 2 <= self.patch_size <= 64:
             raise ConfigError(f"--patch-size must be between 2 and 64, got {self.patch_size}")
         for flag, size in sizes:
@@ -413,12 +428,16 @@ RECIPES = {
     "pretrained": {f.name: f.default for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
     # Random weights. The images are 60x80: a tiny ViT at 32 px (4 patches of 16) trains
     # ~20x faster than at 224, so it gets many epochs, with the rate and regularisation
-    # that random weights need. Measured choices: README, "Training without pretrained weights".
+    # that random weights need. Measured choices: docs/training.md, "Training without pretrained weights".
     "scratch": {f.name: f.metadata["scratch"] for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
     # The same on GPUs, which do ~100x a CPU's arithmetic: a small ViT at 64 px in 8-pixel
     # patches (64 tokens instead of 4), random crops, rare classes seen more often, 30
-    # epochs. Measured: README, "On a GPU" and the rare-class table under "Measured".
+    # epochs. Measured: docs/gpu.md and the rare-class table in docs/benchmarks.md.
     "scratch-gpu": {f.name: f.metadata["scratch_gpu"] for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
+    # The seed's fine-tune takes hours on 2 CPU cores; this one fine-tunes the same kind of
+    # checkpoint in about 15 minutes on all of fashion-small. Measured choices:
+    # docs/training.md, "Pretrained weights on a CPU".
+    "pretrained-cpu": {f.name: f.metadata["pretrained_cpu"] for f in fields(TrainConfig) if f.name in RECIPE_FIELDS},
 }
 SCRATCH_RECIPES = ("scratch", "scratch-gpu")
 # Hyperparameters a trial may vary; the rest of TrainConfig is fixed for the experiment.
@@ -462,11 +481,17 @@ def for_cluster(cfg: TrainConfig) -> TrainConfig:
 def recipe_help(name: str) -> str:
     """What each recipe sets a recipe field to, for --help."""
     show = lambda v: " ".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    pretrained, scratch, gpu = (RECIPES[r][name] for r in ("pretrained", "scratch", "scratch-gpu"))
-    if pretrained == scratch == gpu:
+    pretrained, cpu, scratch, gpu = (
+        RECIPES[r][name] for r in ("pretrained", "pretrained-cpu", "scratch", "scratch-gpu")
+    )
+    if pretrained == cpu == scratch == gpu:
         return f"default: {show(pretrained)}"
-    text = f"default: {show(pretrained)}; {show(scratch)} with --from-scratch"
-    return text + (f", {show(gpu)} on GPUs" if gpu != scratch else "")
+    parts = [f"default: {show(pretrained)}"]
+    if cpu != pretrained:
+        parts.append(f"{show(cpu)} with --recipe pretrained-cpu")
+    if scratch != pretrained or gpu != scratch:
+        parts.append(f"{show(scratch)} with --from-scratch" + (f", {show(gpu)} on GPUs" if gpu != scratch else ""))
+    return "; ".join(parts)
 
 
 def comma_list(text: str) -> list[str]:
@@ -600,6 +625,17 @@ class EvalConfig:
             raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
         check_source(self.data_dir, self.labels_table, self.dataset is not None, self.image_column, self.label_column)
         return self
+
+
+def pretrained_patch_size(model: str) -> int:
+    """A pretrained checkpoint's own patch size: from a save_pretrained folder's
+    config.json; 16 (ViT's default, and the baseline's) for a hub id, which is only
+    read once the job loads it."""
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            return int(json.load(f).get("patch_size", 16))
+    except (OSError, ValueError):
+        return 16
 
 
 def check_source(

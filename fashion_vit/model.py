@@ -34,15 +34,13 @@ class ModelError(FashionVitError):
 
 def create_model(cfg: TrainConfig, labels: list[str], init: SavedModel | None = None):
     """Build a ViTForImageClassification with a len(labels)-way head at cfg.image_size:
-    from `init` (a saved model, for --init-from), from scratch, or from cfg.model (hub
-    id or folder).
+    from `init` (a saved model: --init-from's, or the pretrained checkpoint as
+    `load_pretrained` returned it), from scratch, or from cfg.model (hub id or folder).
 
     Returns (model, (mean, std)): the normalisation the backbone was trained with.
     """
     from transformers import ViTConfig, ViTForImageClassification
 
-    id2label = {i: name for i, name in enumerate(labels)}
-    label2id = {name: i for i, name in id2label.items()}
     if init is not None:
         prep = init.preprocessing
         return _continue_from(init, labels, cfg), (prep.mean, prep.std)
@@ -56,29 +54,49 @@ def create_model(cfg: TrainConfig, labels: list[str], init: SavedModel | None = 
             image_size=cfg.image_size,
             patch_size=cfg.patch_size,
             num_labels=len(labels),
-            id2label=id2label,
-            label2id=label2id,
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
         )
         return ViTForImageClassification(config), DEFAULT_MEAN_STD
+    init = load_pretrained(cfg.model, labels)
+    return _continue_from(init, labels, cfg), (init.preprocessing.mean, init.preprocessing.std)
 
+
+def load_pretrained(name: str, labels: list[str]) -> SavedModel:
+    """A pretrained checkpoint (hub id or save_pretrained folder) at its own input size,
+    with a new len(labels)-way head and its own mean/std; everything else (patch size,
+    LayerNorm eps, depth, width) is the checkpoint's. The tune driver loads it once and
+    hands it to every trial's workers, which need neither the hub nor the driver's disk."""
+    import transformers
+    from transformers import ViTForImageClassification
+
+    verbosity = transformers.logging.get_verbosity()
+    # Its load report lists the dropped head as a size mismatch, which is the intent here.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         model = ViTForImageClassification.from_pretrained(
-            cfg.model,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id=label2id,
-            ignore_mismatched_sizes=True,  # the in21k checkpoint's head (if any) is not ours
+            name,
+            # id2label alone sets the head's size: with num_labels beside a checkpoint's
+            # 1000-entry map, transformers warns that they disagree.
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            ignore_mismatched_sizes=True,  # the checkpoint's head (1000 ImageNet classes, or none) is not ours
             attn_implementation="sdpa",
         )
     except (OSError, ValueError) as e:
         raise ModelError(
-            f"could not load model {cfg.model!r} from the Hugging Face hub or a local folder "
+            f"could not load model {name!r} from the Hugging Face hub or a local folder "
             f"({_first_line(e)}). Without network access, pass --model DIR with a model saved by "
             "save_pretrained, or --from-scratch --vit-size {tiny,small,base} to train from random weights."
         ) from None
-    if model.config.image_size != cfg.image_size:
-        model = resize_image_size(model, cfg.image_size)
-    return model, _mean_std(cfg.model)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    mean, std = _mean_std(name)
+    size = model.config.image_size
+    prep = Preprocessing(image_size=size, source_size=(size, size), mean=mean, std=std)
+    return SavedModel.from_model(model, prep, train_config={}, metrics={})
 
 
 def _continue_from(init: SavedModel, labels: list[str], cfg: TrainConfig):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import replace
@@ -52,7 +53,7 @@ def train_loop_per_worker(config: dict) -> None:
     init = config.get("init")
     model, _ = create_model(cfg, labels, ray.get(init) if init is not None else None)
     steps_per_epoch = math.ceil(train_rows / world / cfg.batch_size)
-    optimizer = _adamw(model, cfg.lr, cfg.weight_decay)
+    optimizer = _adamw(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     scheduler = _warmup_linear(optimizer, cfg.warmup_ratio, cfg.epochs * steps_per_epoch)
     start_epoch = restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
     model = ray.train.torch.prepare_model(model, move_to_device=device)
@@ -262,12 +263,30 @@ def class_weights(counts: list[int], mode: str) -> list[float] | None:
     return (np.sqrt(w) if mode == "sqrt" else w).tolist()
 
 
-def _adamw(model, lr: float, weight_decay: float):
-    # As transformers' Trainer does: no decay on biases and LayerNorm weights.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr)
+def _adamw(model, lr: float, weight_decay: float, layer_decay: float = 1.0):
+    """AdamW with, as transformers' Trainer does, no weight decay on biases and LayerNorm
+    weights; with layer_decay < 1, each block's rate shrinks with its depth from the head
+    (BEiT's layer-wise decay), so the pretrained lower blocks move least."""
+    depth = model.config.num_hidden_layers
+    groups: dict[tuple[int, bool], list] = {}
+    for name, p in model.named_parameters():
+        groups.setdefault((layer_index(name, depth), p.ndim >= 2), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "lr": lr * layer_decay ** (depth + 1 - layer), "weight_decay": weight_decay * decays}
+            for (layer, decays), params in sorted(groups.items())
+        ],
+        lr=lr,
+    )
+
+
+def layer_index(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for encoder block i, depth + 1 for the final norm and head."""
+    if name.startswith("vit.embeddings."):
+        return 0
+    # vit.layers.<i>. in transformers 5, vit.encoder.layer.<i>. before.
+    block = re.match(r"vit\.(?:encoder\.)?layers?\.(\d+)\.", name)
+    return int(block.group(1)) + 1 if block else depth + 1
 
 
 def _warmup_linear(optimizer, warmup_ratio: float, total_steps: int):

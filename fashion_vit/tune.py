@@ -20,7 +20,15 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from fashion_vit.cluster import Node, cluster_nodes, describe, placeable, start_ray
-from fashion_vit.config import HYPERPARAMETERS, METRIC, SCRATCH_RECIPES, ConfigError, TrainConfig, for_cluster
+from fashion_vit.config import (
+    HYPERPARAMETERS,
+    METRIC,
+    SCRATCH_RECIPES,
+    ConfigError,
+    FashionVitError,
+    TrainConfig,
+    for_cluster,
+)
 from fashion_vit.data import (
     MIN_CLASS_ROWS,
     DataError,
@@ -35,10 +43,15 @@ from fashion_vit.data import (
 from fashion_vit.evaluate import score_test_split
 from fashion_vit.files import absolute, atomic_open, is_uri, join, subfolders
 from fashion_vit.metrics import format_report
-from fashion_vit.model import ModelError, SavedModel, create_model, read_checkpoint
+from fashion_vit.model import ModelError, SavedModel, create_model, load_pretrained, read_checkpoint
 from fashion_vit.report import plot_learning_curves, plot_search, write_model_card
 from fashion_vit.train import MODEL_FILE, train_loop_per_worker
 from fashion_vit.transforms import Preprocessing
+
+
+class TrainingError(FashionVitError):
+    """No trial trained: the job ends with one line saying why."""
+
 
 CHECKPOINT_PATH = "checkpoint_path"  # key TuneReportCallback adds to a result that has a checkpoint
 EXPERIMENT_PREFIX = "fashion-vit-"
@@ -73,13 +86,15 @@ class Prepared:
     epoch: np.ndarray  # the training rows of one epoch: splits["train"], oversampled with --sampling
     split_counts: dict[str, list[int]]  # split name -> images per class
     prep: Preprocessing  # decoding size and normalisation; image_size is the baseline's
-    init: SavedModel | None  # --init-from
+    init: SavedModel | None  # the starting weights: --init-from's, or the pretrained checkpoint's; None from scratch
 
 
 def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     """The whole `jobs/tune.py`: load and split data, tune, export the best model."""
     timings = {}
     storage = absolute(cfg.storage or os.path.join(cfg.output_dir, "experiments"))
+    if os.path.isdir(cfg.model):  # recorded in the checkpoint: say which folder, from anywhere
+        cfg = replace(cfg, model=os.path.abspath(cfg.model))
     cfg = replace(cfg, name=resolve_experiment(cfg, storage))
     log(f"experiment {cfg.name} in {storage}" + (" (resuming)" if cfg.resume else ""))
 
@@ -194,6 +209,10 @@ def prepare(cfg: TrainConfig, log=print) -> Prepared:
     unmeasured = [f"{data.labels[i]} ({n})" for i, n in enumerate(counts) if 0 < n < MIN_CLASS_ROWS]
     if unmeasured:
         log(f"trained on but not measured (fewer than {MIN_CLASS_ROWS} images): {', '.join(unmeasured)}")
+    if init is None and not cfg.from_scratch:
+        init = load_pretrained(cfg.model, data.labels)
+        log(f"pretrained weights: {cfg.model}, a new {len(data.labels)}-way head")
+    # Builds the trials' model once here: a label mismatch or an impossible size fails before Ray.
     _, (mean, std) = create_model(cfg, data.labels, init)
     return Prepared(
         data=data,
@@ -295,6 +314,7 @@ def search_space(cfg: TrainConfig) -> dict:
             weight_decay=choice("weight_decay", [0.0, 0.01, 0.05]),
             warmup_ratio=choice("warmup_ratio", [0.0, 0.05, 0.1]),
             label_smoothing=choice("label_smoothing", [0.0, 0.1]),
+            layer_decay=choice("layer_decay", [1.0, 0.75]),
         )
     if cfg.search_image_sizes:
         # The position embeddings are resampled to each trial's size (model.resize_image_size).
@@ -454,16 +474,26 @@ def pick_best(trials: list[dict], read) -> tuple[dict, dict, SavedModel]:
     next candidate."""
     candidates = [(trial, row) for trial in trials for row in trial["history"] if row.get(CHECKPOINT_PATH)]
     if not candidates:
-        errors = (
-            "; ".join(f"{t['trial_id']}: {t['error']}" for t in trials if t["error"]) or "no checkpoint was reported"
-        )
-        raise RuntimeError(f"no trial produced a checkpoint ({errors})")
+        errors = {t["error"] for t in trials if t["error"]}
+        raise TrainingError(f"no trial produced a checkpoint: {'; '.join(sorted(errors)) or 'none reported one'}")
     # sorted() is stable: among exact ties, the earlier trial and epoch win.
     for trial, row in sorted(candidates, key=lambda c: (-c[1][METRIC], c[1]["val_loss"])):
         saved = read(row[CHECKPOINT_PATH])
         if saved is not None:
             return trial, row, saved
     raise RuntimeError("the best checkpoints were reported but none can be read back from storage")
+
+
+def root_error(text: str) -> str:
+    """The line that names what went wrong in a failed trial's error text (Ray wraps the
+    worker's exception in its own, whose first line is only the actor's name): the last
+    "SomeError: message" line, without Ray's colour codes and log prefixes."""
+    import re
+
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    lines = [re.sub(r"^\(\w+ pid=\d+\)\s*", "", line).strip() for line in plain.splitlines()]
+    named = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return (named[-1] if named else next((line for line in lines if line), "unknown error"))[:500]
 
 
 def summarise_trials(results) -> list[dict]:
@@ -528,7 +558,7 @@ def _trial_summary(result, number: int) -> dict:
         "config": config,
         "epochs_run": len(history),
         "best_" + METRIC: max((r[METRIC] for r in history), default=None),
-        "error": str(result.error).splitlines()[0] if result.error else None,
+        "error": root_error(str(result.error)) if result.error else None,
         "history": history,
     }
 

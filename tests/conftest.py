@@ -40,6 +40,10 @@ os.makedirs(os.environ["RAY_TMPDIR"])
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FASHION_SMALL", ROOT.parent / "shared" / "data" / "fashion-small"))
+# Real ImageNet-pretrained ViT-Tiny/16 weights in the save_pretrained layout.
+PRETRAINED = Path(
+    os.environ.get("FASHION_VIT_PRETRAINED", ROOT.parent / "shared" / "models" / "vit-tiny-patch16-224-augreg")
+)
 # Small real samples: CI runs on 2 cores.
 TRAIN_ROWS = 1500
 HOLDOUT_ROWS = 300
@@ -72,6 +76,15 @@ def shared_data() -> Path:
     if not (SHARED / "styles.csv").is_file():
         pytest.fail(f"real test data not found at {SHARED} (set FASHION_SMALL to a Kaggle-layout folder)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def pretrained_weights() -> Path:
+    if not (PRETRAINED / "config.json").is_file():
+        pytest.fail(
+            f"pretrained weights not found at {PRETRAINED} (set FASHION_VIT_PRETRAINED to a save_pretrained folder)"
+        )
+    return PRETRAINED
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Both jobs submitted with `ray job submit` to a real two-node Ray cluster on loopback,
-with token authentication on, as the README's cluster section sets one up.
+with token authentication on, as docs/cluster.md sets one up.
 
 Both nodes have CPUs (2 each), so the cluster has 4 CPUs in all but no node has more
 than 2: default sizing must fit a node, not the total. The cluster brings its own
@@ -71,7 +71,7 @@ def cluster(tmp_path_factory):
     temp = Path(f"/tmp/fv-ray-{os.getpid()}")
     home = tmp_path_factory.mktemp("cluster-home")
     port, dashboard = free_port(), free_port()
-    # What the README tells a user to do for a fresh head node: switch token auth on and
+    # What docs/cluster.md tells a user to do for a fresh head node: switch token auth on and
     # hand every node and client the same token.
     env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     env.pop("RAY_ADDRESS", None)

@@ -9,7 +9,15 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from fashion_vit.config import HYPERPARAMETERS, RECIPE_FIELDS, RECIPES, ConfigError, TrainConfig, for_cluster
+from fashion_vit.config import (
+    HYPERPARAMETERS,
+    MASTER_CATEGORIES,
+    RECIPE_FIELDS,
+    RECIPES,
+    ConfigError,
+    TrainConfig,
+    for_cluster,
+)
 from fashion_vit.train import class_weights
 from fashion_vit.tune import baseline, search_space
 from jobs.tune import parse_args
@@ -115,7 +123,7 @@ def test_search_spaces_vary_what_each_recipe_needs():
 
     pretrained = search_space(parse_args([]))
     varied = {k for k, v in pretrained.items() if isinstance(v, Domain)}
-    assert varied == {"lr", "batch_size", "weight_decay", "warmup_ratio", "label_smoothing"}
+    assert varied == {"lr", "batch_size", "weight_decay", "warmup_ratio", "label_smoothing", "layer_decay"}
     assert pretrained["image_size"] == 224 and pretrained["augment"] == "flip"
     with_sizes = search_space(parse_args(["--search-image-sizes", "224", "112", "160"]))
     assert sorted(with_sizes["image_size"].categories) == [112, 160, 224]
@@ -164,7 +172,6 @@ def test_class_weighted_loss_weights_images_not_the_smoothing_term():
 
 
 def test_patch_size_is_a_scratch_dial():
-    from fashion_vit.config import MASTER_CATEGORIES
     from fashion_vit.model import create_model
 
     cfg = parse_args(["--from-scratch", "--patch-size", "8"]).validate()
@@ -175,3 +182,28 @@ def test_patch_size_is_a_scratch_dial():
         parse_args(["--patch-size", "8"])
     with pytest.raises(ConfigError, match="--image-size must be a multiple of the patch size 8"):
         parse_args(["--from-scratch", "--patch-size", "8", "--image-size", "36"]).validate()
+
+
+def test_layer_decay_gives_each_block_its_own_rate_and_keeps_the_head_at_lr():
+    from fashion_vit.model import create_model
+    from fashion_vit.train import _adamw
+
+    cfg = TrainConfig(from_scratch=True, vit_size="tiny", image_size=32)
+    model, _ = create_model(cfg, list(MASTER_CATEGORIES))
+    rate = {id(p): g["lr"] for g in _adamw(model, 1e-3, 0.05, 0.5).param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in _adamw(model, 1e-3, 0.05, 0.5).param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    assert len(rate) == len(params)  # every parameter in exactly one group
+    # Block i's parameters, whichever way this transformers version names them.
+    block = lambda i, kind: next(p for n, p in params.items() if f"layer.{i}." in n or f"layers.{i}." in n if kind(p))
+    matrix, vector = (lambda p: p.ndim == 2), (lambda p: p.ndim == 1)
+    assert rate[id(params["classifier.weight"])] == pytest.approx(1e-3)
+    assert rate[id(block(11, matrix))] == pytest.approx(1e-3 * 0.5)
+    assert rate[id(block(0, matrix))] == pytest.approx(1e-3 * 0.5**12)
+    assert rate[id(params["vit.embeddings.patch_embeddings.projection.weight"])] == pytest.approx(1e-3 * 0.5**13)
+    # As transformers' Trainer: no decay on biases and LayerNorm weights.
+    assert decay[id(block(3, matrix))] == 0.05
+    assert decay[id(block(3, vector))] == 0.0
+    assert decay[id(params["vit.layernorm.weight"])] == 0.0
+    # Without it, one rate throughout.
+    assert {g["lr"] for g in _adamw(model, 1e-3, 0.05).param_groups} == {1e-3}

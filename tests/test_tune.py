@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,43 +100,42 @@ def test_asha_search_stops_a_trial_early_and_every_trial_finishes(samples, ray_s
     assert raw["train_config"]["image_size"] == best["config"]["image_size"]
 
 
-def test_pretrained_folder_path_starts_from_its_weights(trained, samples, ray_session, tmp_path):
-    """--model DIR with a model saved by save_pretrained (here: the model trained above,
-    standing in for a hub checkpoint). One epoch at a small learning rate keeps what it
-    knows, which a random initialisation could not reach."""
+def test_real_pretrained_weights_beat_the_same_run_from_scratch_and_predict(
+    pretrained_weights, samples, ray_session, tmp_path
+):
+    """--model DIR with real ImageNet weights: a new 6-way head, the folder's mean/std and
+    LayerNorm eps, position embeddings resampled from 224 to 48 px. One epoch on a few
+    hundred images: the same run from random weights (same recipe and flags) is far behind."""
+    from jobs import batch_predict
     from jobs import tune as tune_job
 
-    model, prep = load_checkpoint(str(trained / "vit_model.pth")).build()
-    folder = tmp_path / "saved"
-    model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps({"image_mean": list(prep.mean), "image_std": list(prep.std)})
-    )
-    out = tmp_path / "results"
-    argv = [
-        "--data-dir",
-        str(samples["train"]),
-        "--model",
-        str(folder),
-        "--image-size",
-        "32",
-        "--epochs",
-        "1",
-        "--lr",
-        "1e-5",
-        "--limit",
-        "600",
-        "--output-dir",
-        str(out),
-    ]
+    common = ["--data-dir", str(samples["train"]), "--limit", "400", "--image-size", "48", "--epochs", "1"]
+    common += ["--lr", "1e-4", "--batch-size", "16"]
+    pre, scratch = tmp_path / "pretrained", tmp_path / "scratch"
+    assert tune_job.main([*common, "--model", str(pretrained_weights), "--output-dir", str(pre)]) == 0
+    raw = torch.load(pre / "vit_model.pth", weights_only=True)
+    assert raw["train_config"]["model"] == str(pretrained_weights) and raw["train_config"]["from_scratch"] is False
+    assert raw["state_dict"]["classifier.weight"].shape == (6, 192)  # the 1000-class ImageNet head is gone
+    assert raw["vit_config"]["layer_norm_eps"] == 1e-6 and raw["vit_config"]["image_size"] == 48
+    assert raw["state_dict"]["vit.embeddings.position_embeddings"].shape == (1, 1 + 3 * 3, 192)
+    assert tuple(raw["preprocessing"]["mean"]) == (0.5, 0.5, 0.5)
+
+    argv = [*common, "--recipe", "pretrained", "--from-scratch", "--vit-size", "tiny", "--output-dir", str(scratch)]
     assert tune_job.main(argv) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    before = json.loads((trained / "summary.json").read_text())["best"]["val"]["val_accuracy"]
-    first_epoch = summary["trials"][0]["history"][0]["val_accuracy"]
-    counts = summary["data"]["class_counts"]["val"]
-    assert first_epoch > max(counts) / sum(counts) + 0.1 and first_epoch > before - 0.1
-    raw = torch.load(out / "vit_model.pth", weights_only=True)
-    assert raw["train_config"]["model"] == str(folder) and raw["train_config"]["from_scratch"] is False
+    tested = [json.loads((d / "summary.json").read_text())["best"]["test"] for d in (pre, scratch)]
+    assert tested[0]["num_examples"] == tested[1]["num_examples"]  # the same split
+    assert tested[0]["accuracy"] > tested[1]["accuracy"] + 0.15, (tested[0]["accuracy"], tested[1]["accuracy"])
+
+    out = tmp_path / "pred.csv"
+    argv = ["--input", str(samples["holdout"] / "images"), "--model", str(pre / "vit_model.pth"), "--output", str(out)]
+    assert batch_predict.main([*argv, "--quiet"]) == 0
+    truth = {r[0]: r[2] for r in samples["holdout_rows"]}
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(truth)
+    right = sum(truth[Path(r["path"]).stem] == r["predicted_category"] for r in rows)
+    majority = max(Counter(truth.values()).values())
+    assert right / len(rows) > majority / len(rows) + 0.2, (right, majority, len(rows))
 
 
 def test_two_data_parallel_workers(samples, ray_session, tmp_path, monkeypatch):

@@ -11,11 +11,13 @@ from fashion_vit.config import ConfigError, TrainConfig
 from fashion_vit.tune import (
     CHECKPOINT_PATH,
     Node,
+    TrainingError,
     _creation_order,
     pick_best,
     prepare,
     recipe_inputs,
     resolve_experiment,
+    root_error,
     size_workers,
     trials_that_fit,
 )
@@ -53,7 +55,7 @@ def test_a_checkpoint_gone_from_storage_falls_through_to_the_next_best():
 
 
 def test_no_checkpoint_at_all_names_the_trial_errors():
-    with pytest.raises(RuntimeError, match="b: worker died"):
+    with pytest.raises(TrainingError, match=r"no trial produced a checkpoint: worker died$"):
         pick_best([trial("a"), trial("b", error="worker died")], lambda p: p)
     with pytest.raises(RuntimeError, match="none can be read back"):
         pick_best([trial("a", (0.9, 0.1, "x"))], lambda p: None)
@@ -166,3 +168,18 @@ def test_gpu_workers_settle_the_recipes_inputs_again(samples):
     assert (again["prep"].mean, again["prep"].std) == (prepared.prep.mean, prepared.prep.std)
     assert len(again["epoch"]) > len(prepared.splits["train"])  # sqrt sampling repeats the rare classes
     assert set(again["epoch"]) == set(prepared.splits["train"])  # from the training split only
+
+
+def test_a_failed_trial_is_summed_up_by_the_error_its_worker_raised():
+    # What Ray 2.60's ResultGrid holds for a trial whose worker raised (abridged from a real run).
+    text = (
+        "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=4171, ip=192.0.2.2, repr=train_driver_fn)\n"
+        '  File "/x/ray/train/v2/api/data_parallel_trainer.py", line 1, in fit\n'
+        "ray.train.WorkerGroupError: Training failed due to worker errors:\n"
+        "[Rank 0 Error Snippet]:\n"
+        "Traceback (most recent call last):\n"
+        '  File "/work/fashion_vit/train.py", line 53, in train_loop_per_worker\n'
+        "fashion_vit.model.ModelError: could not load model 'm'\n"
+    )
+    assert root_error(text) == "fashion_vit.model.ModelError: could not load model 'm'"
+    assert root_error("\x1b[36m(TrainController pid=7)\x1b[0m worker died\n") == "worker died"
