@@ -131,13 +131,34 @@ DATA, MODEL, TRAINING, SEARCH, RESOURCES = (
 
 @dataclass
 class TrainConfig:
-    # --- data ---
+    # --- data: one of --data-dir, --labels or --dataset (docs/data.md) ---
     data_dir: str | None = option(
-        None, "local folder in the Kaggle layout (styles.csv + images/<id>.jpg) instead of the hub dataset", group=DATA
+        None,
+        "a folder (or URI prefix): the Kaggle layout when it has styles.csv (+ images/<id>.jpg), else one folder "
+        "per class, DIR/<label>/**/<image>, labelled by the folder names",
+        group=DATA,
     )
-    dataset: str = option(DEFAULT_DATASET, "Hugging Face dataset id", group=DATA)
+    labels_table: str | None = option(
+        None,
+        "a label table, CSV or Parquet, local or at a URI: one row per image, with --image-column and --label-column",
+        group=DATA,
+        flag="--labels",
+        metavar="TABLE",
+    )
+    dataset: str = option(
+        DEFAULT_DATASET, "Hugging Face dataset id (any: --image-column and --label-column name its columns)", group=DATA
+    )
+    image_column: str = option(
+        "image",
+        "column of --labels or --dataset with the image: a path (absolute, or relative to the table's folder), a URI "
+        "(s3://, gs://, file://), or on the hub the image itself",
+        group=DATA,
+    )
     label_column: str = option(
-        DEFAULT_LABEL_COLUMN, "column to classify: masterCategory (6 labels), subCategory, articleType, ...", group=DATA
+        DEFAULT_LABEL_COLUMN,
+        "column to classify: masterCategory (6 labels), subCategory, articleType, ...; other labels come from the "
+        "data (class folders: the folder names)",
+        group=DATA,
     )
     limit: int | None = option(
         None, "train on a stratified sample of this many rows (quick runs)", group=DATA, type=positive_int
@@ -384,8 +405,9 @@ class TrainConfig:
         for flag, frac in (("--val-fraction", self.val_fraction), ("--test-fraction", self.test_fraction)):
             if not 0 < frac < 0.5:
                 raise ConfigError(f"{flag} must be in (0, 0.5), got {frac}")
-        if self.data_dir is not None:
-            check_kaggle_folder("--data-dir", self.data_dir, self.label_column)
+        check_source(
+            self.data_dir, self.labels_table, self.dataset != DEFAULT_DATASET, self.image_column, self.label_column
+        )
         if self.init_from is not None and not os.path.isfile(self.init_from):
             raise ConfigError(f"--init-from {self.init_from!r} is not a file (give a vit_model.pth)")
         if self.init_from is not None and self.from_scratch:
@@ -472,20 +494,39 @@ def recipe_help(name: str) -> str:
     return "; ".join(parts)
 
 
+def comma_list(text: str) -> list[str]:
+    """argparse type for a,b,c."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 @dataclass
 class PredictConfig:
     inputs: list[str] = option(
         help="folder (or s3://, gs:// prefix) searched recursively for images; repeatable",
         flag="--input",
         action="append",
-        required=True,
+        default_factory=list,
+    )
+    input_table: str | None = option(
+        None,
+        "a table (CSV or Parquet, local or URI) listing images to label, one per row, beside or instead of --input: "
+        "every row gets exactly one output row",
+        metavar="TABLE",
+    )
+    path_column: str = option(
+        "path", "column of --input-table with each image's path or URI (relative: from the table's folder)"
+    )
+    keep_columns: list[str] = option(
+        help="columns of --input-table copied into the output unchanged, e.g. product_id,sku",
+        type=comma_list,
+        metavar="COL,COL",
         default_factory=list,
     )
     model: str = option("results/vit_model.pth", "vit_model.pth from jobs/tune.py, or a Hugging Face model folder")
     output: str = option(
         "results/predictions.csv",
-        "file to write, sorted by path, when complete: .csv, or .parquet; a name ending in / "
-        "writes a folder of Parquet parts",
+        "file to write when complete, .csv or .parquet (a name ending in / writes a folder of Parquet parts): the "
+        "rows of --input-table in its order, then the files of --input folders sorted by path",
     )
     batch_size: int = option(64, "images per model call", type=positive_int)
     top_k: int = option(0, "also write the k most likely labels and their probabilities", type=int)
@@ -508,11 +549,12 @@ class PredictConfig:
     address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
     def validate(self) -> PredictConfig:
-        if not self.inputs:
-            raise ConfigError("give at least one --input folder")
+        if not self.inputs and self.input_table is None:
+            raise ConfigError("give at least one --input folder, or --input-table TABLE")
         for path in self.inputs:
             if not is_uri(path) and not os.path.isdir(path):
                 raise ConfigError(f"--input {path!r} is not a folder")
+        self._check_table()
         _positive("--batch-size", self.batch_size)
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0, got {self.top_k}")
@@ -537,12 +579,43 @@ class PredictConfig:
             raise ConfigError(f"--output {self.output!r} is not writable ({parent} is not a writable folder)")
         return self
 
+    def _check_table(self) -> None:
+        """--input-table has --path-column and every --keep-columns; a kept column may not
+        take the name of one the output already has."""
+        from fashion_vit.outputs import columns
+
+        if self.input_table is None:
+            if self.keep_columns:
+                raise ConfigError("--keep-columns copies columns of --input-table: give --input-table TABLE")
+            return
+        taken = set(columns(self.top_k))
+        for name in self.keep_columns:
+            if name in taken:
+                raise ConfigError(
+                    f"--keep-columns {name!r}: the output has its own {name!r} column (the columns it writes: "
+                    f"{', '.join(columns(self.top_k))}); leave it out, or rename it in the table"
+                )
+        if len(set(self.keep_columns)) < len(self.keep_columns):
+            raise ConfigError(f"--keep-columns names a column twice ({','.join(self.keep_columns)})")
+        wanted = [("--path-column", self.path_column), *(("--keep-columns", c) for c in self.keep_columns)]
+        check_table_flag("--input-table", self.input_table, wanted)
+
 
 @dataclass
 class EvalConfig:
     model: str = option("results/vit_model.pth", "vit_model.pth to score")
-    data_dir: str | None = option(None, "Kaggle-layout folder to score (default: the data the model was trained on)")
+    data_dir: str | None = option(
+        None,
+        "a folder to score, Kaggle layout or class folders (default: the data the model was trained on)",
+    )
+    labels_table: str | None = option(
+        None, "a label table to score, CSV or Parquet (see jobs/tune.py --labels)", flag="--labels", metavar="TABLE"
+    )
     dataset: str | None = option(None, "Hugging Face dataset id to score instead")
+    image_column: str | None = option(
+        None, "image column of --labels or --dataset (default: the model's training one, else image)"
+    )
+    label_column: str | None = option(None, "label column (default: the one the model was trained on)")
     split: str = option("test", "which split of the training data; other data is scored whole", choices=SPLITS)
     output: str = option("results/report", "report folder: metrics.json, per_class.csv and the plots")
 
@@ -550,10 +623,7 @@ class EvalConfig:
         _one_of(self, "split")
         if not os.path.exists(self.model):
             raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
-        if self.data_dir is not None:
-            check_kaggle_folder("--data-dir", self.data_dir)
-        if self.data_dir is not None and self.dataset is not None:
-            raise ConfigError("give --data-dir or --dataset, not both")
+        check_source(self.data_dir, self.labels_table, self.dataset is not None, self.image_column, self.label_column)
         return self
 
 
@@ -651,16 +721,41 @@ class ServeConfig:
         return self
 
 
-def check_kaggle_folder(flag: str, folder: str, label_column: str | None = None) -> None:
-    """A folder with styles.csv (and, if given, that column in its header). A URI is
-    checked when the data is read: that needs its filesystem, and credentials."""
+def check_source(
+    data_dir: str | None,
+    labels_table: str | None,
+    dataset_given: bool,
+    image_column: str | None,
+    label_column: str | None,
+) -> None:
+    """At most one of --data-dir, --labels and --dataset; a local folder or table exists
+    and has the columns named (None: not known yet). A URI is checked when the data is
+    read: that needs its filesystem, and credentials."""
+    given = [f for f, v in (("--data-dir", data_dir), ("--labels", labels_table), ("--dataset", dataset_given)) if v]
+    if len(given) > 1:
+        raise ConfigError(f"give one of --data-dir, --labels or --dataset, not {' and '.join(given)}")
+    if data_dir is not None:
+        check_data_dir("--data-dir", data_dir, label_column)
+    if labels_table is not None:
+        named = [("--image-column", image_column), ("--label-column", label_column)]
+        check_table_flag("--labels", labels_table, [(flag, c) for flag, c in named if c is not None])
+
+
+def check_data_dir(flag: str, folder: str, label_column: str | None = None) -> None:
+    """A folder in the Kaggle layout (styles.csv, with the label column if given), or
+    with class folders."""
     if is_uri(folder):
         return
     if not os.path.isdir(folder):
         raise ConfigError(f"{flag} {folder!r} is not a folder")
     styles = os.path.join(folder, "styles.csv")
     if not os.path.isfile(styles):
-        raise ConfigError(f"{flag} {folder!r} has no styles.csv (expected the Kaggle layout: styles.csv + images/)")
+        if not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(folder)):
+            raise ConfigError(
+                f"{flag} {folder!r} has neither styles.csv (the Kaggle layout: styles.csv + images/) nor class folders "
+                "(DIR/<label>/<image>)"
+            )
+        return
     if label_column is not None:
         with open(styles, encoding="utf-8", errors="replace") as f:
             header = [h.strip() for h in f.readline().strip().split(",")]
@@ -668,6 +763,24 @@ def check_kaggle_folder(flag: str, folder: str, label_column: str | None = None)
             raise ConfigError(
                 f"--label-column {label_column!r} is not a column of {styles} (columns: {', '.join(header)})"
             )
+
+
+def check_table_flag(flag: str, path: str, wanted: list[tuple[str, str]]) -> None:
+    """A table this reads (by its name); a local one exists and has the `wanted`
+    columns ((flag, column) pairs), else one line naming the columns it has."""
+    from fashion_vit.tables import TableError, check_table, table_format
+
+    if not is_uri(path) and not os.path.exists(path):
+        raise ConfigError(f"{flag} {path!r} does not exist")
+    try:
+        table_format(path)
+    except TableError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+    if not is_uri(path):
+        try:
+            check_table(path, wanted)
+        except TableError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _one_of(cfg, name: str) -> None:

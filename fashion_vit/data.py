@@ -1,11 +1,20 @@
-"""Data sources (Hugging Face hub, Kaggle-layout folder), labels, the stratified split,
-and the Ray Datasets that feed training.
+"""Data sources, labels, the stratified split, and the Ray Datasets that feed training.
 
-Everything up to `to_ray_datasets` is plain pandas/numpy on the driver, so the split is
-deterministic and testable without Ray. For a folder (local, or an s3:// or gs://
-prefix) the driver holds only each image's path: Ray tasks read and decode the images
+Each source shape has one small reader that ends in the same `Rows` frame: a stable key
+(`id`, what the split sorts by), the image (a path or URI, or the image's bytes) and its
+label as text, plus the rows it could not use, counted by reason:
+
+    kaggle   --data-dir DIR with DIR/styles.csv: images/<id>.jpg, labels from a column
+    folders  --data-dir DIR without it: DIR/<label>/**/<image>, labels from folder names
+    table    --labels TABLE: a CSV or Parquet table of image references and labels
+    hub      --dataset ID: any Hugging Face dataset with an image and a label column
+
+`load_data` then settles the label set, drops what is outside it, sorts and samples;
+everything up to `to_ray_datasets` is plain pandas/numpy on the driver, so the split is
+deterministic and testable without Ray. For files (local, or at s3://, gs://, file://
+URIs) the driver holds only each image's path: Ray tasks read and decode the images
 where they live, so the driver's memory does not grow with the dataset's bytes, and on a
-multi-node cluster the folder must be storage every node can read. The hub dataset
+multi-node cluster the files must be on storage every node can read. A hub dataset
 arrives as bytes (its cache is an Arrow file) and is handed to Ray as such.
 """
 
@@ -14,28 +23,32 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fashion_vit.config import MASTER_CATEGORIES, FashionVitError, TrainConfig
-from fashion_vit.files import join, names_in, read_bytes
+from fashion_vit.config import DEFAULT_LABEL_COLUMN, MASTER_CATEGORIES, FashionVitError, TrainConfig
+from fashion_vit.files import (
+    absolute,
+    files_present,
+    is_file,
+    is_image_name,
+    join,
+    names_in,
+    parent,
+    read_bytes,
+    resolve,
+    subfolders,
+    walk_files,
+)
+from fashion_vit.tables import TableError, check_table, is_text, read_table, schema_of
 from fashion_vit.transforms import decode_batch, image_bytes
 
-KAGGLE_COLUMNS = (
-    "id",
-    "gender",
-    "masterCategory",
-    "subCategory",
-    "articleType",
-    "baseColour",
-    "season",
-    "year",
-    "usage",
-    "productDisplayName",
-)
+# One image each for training, validation and test: a class with fewer cannot be measured.
+MIN_CLASS_ROWS = 3
 
 
 class DataError(FashionVitError):
@@ -43,74 +56,261 @@ class DataError(FashionVitError):
 
 
 @dataclass
+class Rows:
+    """What every reader ends in: `frame` with columns id (a stable key the split sorts
+    by), image (what `image_bytes` takes: a path, a URI or the bytes) and label (text),
+    and the rows it could not use, counted by reason."""
+
+    frame: pd.DataFrame
+    source: str
+    dropped: dict[str, int] = field(default_factory=dict)
+    label_column: str | None = None  # where the labels came from; None: the folder names
+    repaired: int = 0  # styles.csv lines whose unquoted commas were rejoined
+
+
+@dataclass
 class LoadedData:
     """Rows ready to split: `frame` has columns id, label (int index into `labels`) and
-    image: the image's bytes (hub) or its path or URI (folder), as `image_bytes` takes."""
+    image: the image's bytes (hub) or its path or URI, as `image_bytes` takes."""
 
     frame: pd.DataFrame
     labels: list[str]
     source: str
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows dropped
     repaired: int = 0  # styles.csv lines whose unquoted commas were rejoined
+    small_classes: dict[str, int] = field(default_factory=dict)  # left out: fewer than MIN_CLASS_ROWS rows
 
     def summary(self) -> str:
         parts = [f"{len(self.frame)} images from {self.source}", f"{len(self.labels)} labels"]
         if self.repaired:
             parts.append(f"{self.repaired} styles.csv lines repaired (unquoted commas in the last column)")
         parts += [f"{n} rows skipped: {why}" for why, n in self.dropped.items() if n]
+        if self.small_classes:
+            named = ", ".join(f"{name} ({n})" for name, n in self.small_classes.items())
+            parts.append(
+                f"left out {len(self.small_classes)} classes with fewer than {MIN_CLASS_ROWS} images, too few to hold "
+                f"one out for validation and one for test (add images to train on them): {named}"
+            )
         return "; ".join(parts)
 
 
-def load_data(cfg: TrainConfig, labels: list[str] | None = None) -> LoadedData:
-    """Load the configured source, keep rows with a label in the label set, subsample if asked.
+def load_data(cfg: TrainConfig, labels: list[str] | None = None, prefer: list[str] | None = None) -> LoadedData:
+    """Read the configured source, keep rows with a label in the label set, sort them by
+    their key (so the split does not depend on the source's order), subsample if asked.
 
-    The label set is `labels` when given (a trained model's), else the six
-    masterCategory labels, else the values found in `cfg.label_column`.
+    The label set is `labels` when given (a trained model's); else the six
+    masterCategory labels for that column; else `prefer` (an --init-from model's, in
+    its order) when the data's labels are among them; else the labels found, sorted,
+    less those with fewer than MIN_CLASS_ROWS rows (counted, and named in the summary).
     """
-    if cfg.data_dir is not None:
-        table, dropped, repaired, source = _kaggle_table(cfg.data_dir, cfg.label_column)
-    else:
-        table, dropped, repaired, source = (
-            _hub_table(cfg.dataset, [cfg.label_column]),
-            {},
-            0,
-            f"hub dataset {cfg.dataset}",
-        )
-
-    values = table[cfg.label_column].astype("string").str.strip()
+    rows = READERS[source_shape(cfg)](cfg)
+    frame, dropped = rows.frame, dict(rows.dropped)
+    values = frame["label"].astype("string").str.strip()
     missing = values.isna() | (values == "")
     dropped["no label"] = dropped.get("no label", 0) + int(missing.sum())
-    table, values = table[~missing], values[~missing]
+    frame, values = frame[~missing], values[~missing]
 
-    if labels is not None:
-        labels = list(labels)
-    elif cfg.label_column == "masterCategory":
-        labels = list(MASTER_CATEGORIES)
-    else:
-        labels = sorted(values.unique())
+    small: dict[str, int] = {}
+    if labels is None:
+        labels, small = label_set(values, rows.label_column, prefer)
+    labels = list(labels)
     if len(labels) < 2:
-        raise DataError(f"label column {cfg.label_column!r} has fewer than 2 distinct values")
+        found = ", ".join(f"{k} ({n})" for k, n in values.value_counts().items()) or "none"
+        raise DataError(
+            f"{rows.source} has fewer than 2 labels with at least {MIN_CLASS_ROWS} images each (found: {found})"
+        )
     outside = ~values.isin(labels)
-    if outside.any():
-        unknown = values[outside].value_counts()
-        for name, n in unknown.items():
-            dropped[f"label outside the label set ({name})"] = int(n)
-    table, values = table[~outside], values[~outside]
+    for name, n in values[outside].value_counts().items():
+        reason = "class too small to split" if name in small else "label outside the label set"
+        dropped[f"{reason} ({name})"] = int(n)
+    frame, values = frame[~outside], values[~outside]
 
     label_index = {name: i for i, name in enumerate(labels)}
-    table = table.assign(label=values.map(label_index).astype(np.int64))
-    # Sorting by id makes the split independent of the file's row order.
-    table = table.sort_values("id", kind="stable").reset_index(drop=True)
-    if cfg.limit is not None and cfg.limit < len(table):
-        keep = stratified_sample(table["label"].to_numpy(), cfg.limit, cfg.seed)
-        table = table.iloc[keep].reset_index(drop=True)
-
-    if "image" not in table:  # Kaggle folder: where each image is; Ray tasks read it there
-        table = table.assign(image=table["path"])
-    frame = table[["id", "label", "image"]]
+    frame = frame.assign(label=values.map(label_index).astype(np.int64))
+    frame = frame.sort_values("id", kind="stable").reset_index(drop=True)
+    if cfg.limit is not None and cfg.limit < len(frame):
+        keep = stratified_sample(frame["label"].to_numpy(), cfg.limit, cfg.seed)
+        frame = frame.iloc[keep].reset_index(drop=True)
+    frame = frame[["id", "label", "image"]]
     if frame.empty:
-        raise DataError(f"no usable rows in {source}")
-    return LoadedData(frame=frame, labels=labels, source=source, dropped=dropped, repaired=repaired)
+        raise DataError(f"no usable rows in {rows.source}")
+    return LoadedData(frame, labels, rows.source, dropped, rows.repaired, small)
+
+
+def label_set(
+    values: pd.Series, column: str | None, prefer: list[str] | None = None
+) -> tuple[list[str], dict[str, int]]:
+    """(labels, small classes left out) for rows whose labels are `values`; see load_data."""
+    if column == DEFAULT_LABEL_COLUMN:
+        return list(MASTER_CATEGORIES), {}
+    found = values.value_counts()
+    if prefer is not None and set(found.index) <= set(prefer):
+        return list(prefer), {}
+    small = {str(k): int(n) for k, n in found.items() if n < MIN_CLASS_ROWS}
+    return sorted(str(k) for k in found.index if k not in small), small
+
+
+def source_shape(cfg: TrainConfig) -> str:
+    """Which reader takes the configured data: a key of READERS."""
+    if cfg.labels_table is not None:
+        return "table"
+    if cfg.data_dir is None:
+        return "hub"
+    return "kaggle" if is_file(join(absolute(cfg.data_dir), "styles.csv")) else "folders"
+
+
+# --- the readers, one per source shape ------------------------------------------------------
+
+
+def read_kaggle_folder(cfg: TrainConfig) -> Rows:
+    """DIR/styles.csv (one row per product, `id` and the label column) + DIR/images/<id>.jpg."""
+    assert cfg.data_dir is not None  # source_shape chose this reader for it
+    data_dir = absolute(cfg.data_dir)
+    table, repaired, short = read_styles_csv(join(data_dir, "styles.csv"))
+    if cfg.label_column not in table.columns:
+        raise DataError(
+            f"label column {cfg.label_column!r} is not in {data_dir}/styles.csv (columns: {', '.join(table.columns)})"
+        )
+    table = table.assign(id=table["id"].str.strip())
+    bad_id = ~table["id"].str.fullmatch(r"\d+")
+    table = table[~bad_id]
+    images_dir = join(data_dir, "images")
+    present = set(names_in(images_dir))
+    has_image = table["id"].map(lambda i: f"{i}.jpg" in present)
+    dropped = {"malformed line": short + int(bad_id.sum()), "image file missing": int((~has_image).sum())}
+    table = table[has_image]
+    frame = pd.DataFrame({
+        "id": table["id"].astype(np.int64).to_numpy(),
+        "image": [join(images_dir, f"{i}.jpg") for i in table["id"]],
+        "label": table[cfg.label_column].to_numpy(),
+    })  # fmt: skip
+    return Rows(frame, f"folder {cfg.data_dir}", dropped, cfg.label_column, repaired)
+
+
+def read_class_folders(cfg: TrainConfig) -> Rows:
+    """DIR/<label>/**/<image>, as torchvision's ImageFolder: one folder per class, the
+    folder's name its label, images at any depth below it. The key is the image's path
+    below DIR. Other files are counted, never used."""
+    assert cfg.data_dir is not None
+    root = absolute(cfg.data_dir).rstrip("/") or "/"
+    dropped = Counter({"not in a class folder": len(names_in(root))})
+    records = []
+    for label in subfolders(root):
+        folder = join(root, label)
+        for path in walk_files(folder):
+            key = label + path[len(folder) :]
+            if any(part.startswith(".") for part in key.split("/")):
+                dropped["hidden file or folder"] += 1
+            elif not is_image_name(path):
+                dropped["not an image file (by its extension)"] += 1
+            else:
+                records.append((key, path, label))
+    if not records:
+        raise DataError(
+            f"--data-dir {cfg.data_dir} has no styles.csv (the Kaggle layout) and no images in class folders "
+            "(DIR/<label>/<image>)"
+        )
+    frame = pd.DataFrame(records, columns=["id", "image", "label"])
+    return Rows(frame, f"class folders {cfg.data_dir}", dict(dropped))
+
+
+def read_label_table(cfg: TrainConfig) -> Rows:
+    """A table with an image reference and a label per row. A reference is an absolute
+    path, a path relative to the table's folder, or a URI (s3://, gs://, file://); the
+    resolved reference is the row's key. See `usable_references` for what is dropped."""
+    assert cfg.labels_table is not None
+    path, image_column = cfg.labels_table, cfg.image_column
+    try:
+        check_table(path, [("--image-column", image_column), ("--label-column", cfg.label_column)])
+        kind = schema_of(path, [image_column]).field(0).type
+        table = read_table(path, [image_column, cfg.label_column])
+    except TableError as e:
+        raise DataError(str(e)) from None
+    if not is_text(kind):
+        raise DataError(f"--image-column {image_column!r} of {path} holds {kind}, not image paths or URIs")
+    folder = parent(absolute(path))
+    refs = table[image_column].fillna("").astype(str).str.strip()
+    frame = pd.DataFrame({
+        "image": [resolve(r, folder) if r else "" for r in refs],
+        "label": table[cfg.label_column].astype("string").str.strip().to_numpy(),
+    })  # fmt: skip
+    frame, dropped = usable_references(frame)
+    return Rows(frame.assign(id=frame["image"]), f"table {path}", dropped, cfg.label_column)
+
+
+def usable_references(frame: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows of a label table (columns image, label) that can train: a reference to a
+    file that exists, each image once. An image listed twice with the same label is kept
+    once (twice, it could land in both training and test); listed with different labels,
+    it is dropped altogether, since either label may be the wrong one."""
+    no_ref = frame["image"] == ""
+    frame = frame[~no_ref]
+    present = np.asarray(files_present(frame["image"].tolist()), dtype=bool)
+    frame, missing = frame[present], int((~present).sum())
+    labelled = frame["label"].fillna("")
+    kinds = labelled[labelled != ""].groupby(frame["image"]).nunique()
+    conflicting = frame["image"].isin(kinds.index[kinds > 1])
+    duplicate = ~conflicting & frame["image"].duplicated(keep="first")
+    dropped = {
+        "no image reference": int(no_ref.sum()),
+        "image file missing": missing,
+        "duplicate image (kept once)": int(duplicate.sum()),
+        "image listed with different labels": int(conflicting.sum()),
+    }
+    return frame[~conflicting & ~duplicate], dropped
+
+
+def read_hub(cfg: TrainConfig) -> Rows:
+    """A Hugging Face dataset's train split (a hub id, or a local dataset folder):
+    --image-column holds images (kept as their encoded bytes: Ray tasks decode them) or
+    paths; --label-column text or class ids (ClassLabel). The key is the dataset's `id`
+    column where it has one, else the row's number."""
+    import datasets
+
+    ds = _load_hub(cfg.dataset)
+    image, label = cfg.image_column, cfg.label_column
+    for flag, column in (("--image-column", image), ("--label-column", label)):
+        if column not in ds.column_names:
+            raise DataError(
+                f"{flag} {column!r} is not a column of {cfg.dataset} (columns: {', '.join(ds.column_names)})"
+            )
+    if isinstance(ds.features[image], datasets.Image):
+        ds = ds.cast_column(image, datasets.Image(decode=False))
+    key = "id" if "id" in ds.column_names and "id" not in (image, label) else None
+    table = ds.select_columns([c for c in (key, image, label) if c]).to_pandas()
+    labels = table[label]
+    if isinstance(ds.features[label], datasets.ClassLabel):  # class ids; -1 means no label
+        names = ds.features[label].names
+        labels = pd.Series([names[int(v)] if v is not None and v >= 0 else None for v in labels], dtype="object")
+    images = [(v.get("bytes") or v.get("path")) if isinstance(v, dict) else v for v in table[image]]
+    frame = pd.DataFrame({
+        "id": table[key].to_numpy() if key else np.arange(len(table)),
+        "image": images,
+        "label": labels.to_numpy(),
+    })  # fmt: skip
+    no_image = frame["image"].isna()
+    return Rows(frame[~no_image], f"hub dataset {cfg.dataset}", {"no image": int(no_image.sum())}, label)
+
+
+def _load_hub(dataset: str):
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset, split="train")
+    except Exception as e:  # offline, unknown id, auth: all end the same way for the user
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise DataError(
+            f"could not load the Hugging Face dataset {dataset!r} ({type(e).__name__}: {reason}). "
+            "Without network access, pass --data-dir DIR (a Kaggle-layout or class-folder copy) or --labels TABLE"
+        ) from None
+
+
+READERS: dict[str, Callable[[TrainConfig], Rows]] = {
+    "kaggle": read_kaggle_folder,
+    "folders": read_class_folders,
+    "table": read_label_table,
+    "hub": read_hub,
+}
 
 
 def read_styles_csv(path: str) -> tuple[pd.DataFrame, int, int]:
@@ -147,46 +347,7 @@ def read_styles_csv(path: str) -> tuple[pd.DataFrame, int, int]:
     return pd.DataFrame(rows, columns=header), repaired, skipped
 
 
-def _kaggle_table(data_dir: str, label_column: str) -> tuple[pd.DataFrame, dict[str, int], int, str]:
-    table, repaired, short = read_styles_csv(join(data_dir, "styles.csv"))
-    if label_column not in table.columns:
-        raise DataError(
-            f"label column {label_column!r} is not in {data_dir}/styles.csv (columns: {', '.join(table.columns)})"
-        )
-    table = table.assign(id=table["id"].str.strip())
-    bad_id = ~table["id"].str.fullmatch(r"\d+")
-    table = table[~bad_id]
-    images_dir = join(data_dir, "images")
-    present = set(names_in(images_dir))
-    has_image = table["id"].map(lambda i: f"{i}.jpg" in present)
-    dropped = {"malformed line": short + int(bad_id.sum()), "image file missing": int((~has_image).sum())}
-    table = table[has_image]
-    table = table.assign(
-        path=[join(images_dir, f"{i}.jpg") for i in table["id"]],
-        id=table["id"].astype(np.int64),
-    )
-    return table, dropped, repaired, f"folder {data_dir}"
-
-
-def _hub_table(dataset: str, columns: list[str]) -> pd.DataFrame:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(dataset, split="train")
-    except Exception as e:  # offline, unknown id, auth: all end the same way for the user
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise DataError(
-            f"could not load the Hugging Face dataset {dataset!r} ({type(e).__name__}: {reason}). "
-            "Without network access, pass --data-dir DIR with a local copy in the Kaggle layout "
-            "(styles.csv + images/<id>.jpg)."
-        ) from None
-    for column in columns:
-        if column not in ds.column_names:
-            raise DataError(f"label column {column!r} is not in {dataset} (columns: {', '.join(ds.column_names)})")
-    # Keep the JPEG bytes as they are: decoding happens once, in Ray tasks.
-    ds = ds.cast_column("image", datasets.Image(decode=False))
-    table = ds.select_columns(["id", *columns, "image"]).to_pandas()
-    return table.assign(image=[d["bytes"] if isinstance(d, dict) else d for d in table["image"]])
+# --- labels and the split ------------------------------------------------------------------------
 
 
 def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

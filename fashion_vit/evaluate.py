@@ -30,7 +30,7 @@ class Scored:
 def run(cfg: EvalConfig, log=print) -> dict:
     """Rebuild the data, score the checkpoint, write the report; returns the metrics.
 
-    Without --data-dir/--dataset the checkpoint's own training data is reloaded and its
+    Without --data-dir, --labels or --dataset the checkpoint's own training data is reloaded and its
     deterministic split rebuilt, so `--split test` is the very test split it was scored
     on. Other data is scored whole (`--split all`). Rows whose label the model does not
     know are counted in the report, not guessed.
@@ -39,16 +39,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     from fashion_vit.report import write_eval_report
 
     saved = load_checkpoint(cfg.model)
-    trained_with = saved.trained_with()
-    own_data = cfg.data_dir is None and cfg.dataset is None
-    if own_data and trained_with is None:
-        raise ModelError(f"{cfg.model!r} does not say what data it was trained on: pass --data-dir or --dataset")
-    if own_data:
-        data_cfg = trained_with
-    else:
-        base = trained_with or _default_train_config()
-        data_cfg = replace(base, data_dir=cfg.data_dir, dataset=cfg.dataset or base.dataset, limit=None)
-    split = cfg.split if own_data else "all"
+    data_cfg = data_config(cfg, saved)
+    split = "all" if _other_data(cfg) else cfg.split
     data = load_data(data_cfg, labels=saved.labels)
     if split == "all":
         frame = data.frame
@@ -73,10 +65,33 @@ def run(cfg: EvalConfig, log=print) -> dict:
     return report
 
 
-def _default_train_config():
+def _other_data(cfg: EvalConfig) -> bool:
+    return any(v is not None for v in (cfg.data_dir, cfg.labels_table, cfg.dataset))
+
+
+def data_config(cfg: EvalConfig, saved: SavedModel):
+    """The TrainConfig whose data to score: the model's own (its split can be rebuilt),
+    or the data named on the command line, read with the model's column names unless
+    --image-column or --label-column say otherwise, whole (no --limit)."""
     from fashion_vit.config import TrainConfig
 
-    return TrainConfig()
+    trained_with = saved.trained_with()
+    if not _other_data(cfg):
+        if trained_with is None:
+            raise ModelError(
+                f"{cfg.model!r} does not say what data it was trained on: pass --data-dir, --labels or --dataset"
+            )
+        return trained_with
+    base = trained_with or TrainConfig()
+    return replace(
+        base,
+        data_dir=cfg.data_dir,
+        labels_table=cfg.labels_table,
+        dataset=cfg.dataset or base.dataset,
+        image_column=cfg.image_column or base.image_column,
+        label_column=cfg.label_column or base.label_column,
+        limit=None,
+    )
 
 
 def score(saved: SavedModel, frame, batch_size: int = 256) -> Scored:

@@ -28,6 +28,29 @@ def join(base: str, *names: str) -> str:
     return os.path.join(base, *names)
 
 
+def parent(path: str) -> str:
+    """The folder `path` is in (a URI's prefix up to its last /)."""
+    if is_uri(path):
+        return path.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(path))
+
+
+def resolve(ref: str, folder: str) -> str:
+    """Where an image reference found in a table points: a URI (s3://, gs://, file://)
+    or an absolute path as it is, a relative path from `folder` (the table's)."""
+    if is_uri(ref) or os.path.isabs(ref):
+        return ref
+    return join(folder, ref) if is_uri(folder) else os.path.normpath(os.path.join(folder, ref))
+
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def is_image_name(path: str) -> bool:
+    """An image file by its extension, in any case."""
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
 def filesystem(path: str):
     """(pyarrow FileSystem, path within it) for a local path or a URI."""
     import pyarrow.fs as pafs
@@ -51,6 +74,26 @@ def names_in(path: str) -> list[str]:
     fs, base = filesystem(path)
     infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
     return [i.base_name for i in infos if i.type == pafs.FileType.File]
+
+
+def is_file(path: str) -> bool:
+    """A file exists at `path` (local or URI)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
+
+
+def files_present(paths: list[str]) -> list[bool]:
+    """Whether each path (local or URI) is a file. Each folder is listed once, in
+    parallel threads, instead of one request per file: a million images in a few
+    folders on object storage cost a few listings."""
+    folders: dict[str, list[int]] = {}
+    for i, p in enumerate(paths):
+        folders.setdefault(parent(p), []).append(i)
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        listed = dict(zip(folders, pool.map(lambda f: frozenset(names_in(f)), folders), strict=True))
+    return [p.rstrip("/").rsplit("/", 1)[-1] in listed[parent(p)] for p in paths]
 
 
 def subfolders(path: str) -> list[str]:

@@ -1,6 +1,8 @@
 """The batch job's output: its columns, and merging the shards Ray wrote into one file
-sorted by path, as CSV (the default) or Parquet (`--output x.parquet`, or a folder of
-Parquet parts with `--output x.parquet/`).
+sorted by a key (the path, or the job's row key: table rows in order, then files by
+path), as CSV (the default) or Parquet (`--output x.parquet`, or a folder of Parquet
+parts with `--output x.parquet/`). Columns kept from an input table are joined back on
+the way out, from the copy the listing made of them, so they never travel through Ray.
 
 The merge holds at most one run of RUN_ROWS rows, plus a small batch per run, in memory,
 whatever the number of rows: shards are grouped into runs, each run is sorted and
@@ -14,6 +16,8 @@ import heapq
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 
 from fashion_vit.files import atomic_open
@@ -36,29 +40,89 @@ def output_format(output: str) -> str:
     return "parquet" if output.lower().endswith(".parquet") else "csv"
 
 
-def merge_shards(shards: list[str], runs_dir: str, output: str, cols: list[str]) -> tuple[int, int]:
-    """Write the rows of the Parquet `shards` to `output`, sorted by path, atomically;
-    returns (rows, rows with an error). `runs_dir` is scratch space for sorted runs."""
-    runs = _sorted_runs(shards, runs_dir)
+@dataclass
+class Kept:
+    """Columns of an input table carried into the output: `files` (Parquet, in name
+    order) hold them for every table row, in the table's order. The rows whose key
+    starts with `prefix` are the table's, and their keys sort in the table's order."""
+
+    files: list[str]
+    prefix: str
+
+    def schema(self):
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(self.files[0])
+
+    def rows(self) -> Iterator[tuple]:
+        import pyarrow.parquet as pq
+
+        for name in self.files:
+            for batch in pq.ParquetFile(name).iter_batches(batch_size=READ_ROWS):
+                yield from zip(*(c.to_pylist() for c in batch.columns), strict=True)
+
+
+def merge_shards(
+    shards: list[str], runs_dir: str, output: str, cols: list[str], key: str = "path", kept: Kept | None = None
+) -> tuple[int, int]:
+    """Write the rows of the Parquet `shards` to `output`, sorted by `key`, atomically,
+    with `kept`'s columns first; returns (rows, rows with an error). `runs_dir` is
+    scratch space for sorted runs."""
+    import pyarrow as pa
+
+    read = [key, *(c for c in cols if c != key)]  # the key first: the merge compares it
+    runs = _sorted_runs(shards, runs_dir, key)
+    rows = heapq.merge(*(_rows(r, read) for r in runs), key=lambda row: row[0])
+    pick = [read.index(c) for c in cols]
+    width = len(kept.schema()) if kept else 0
+    schema = pa.schema([*(kept.schema() if kept else []), *_fields(cols)])
     failed = 0
-    error = cols.index("error")
 
-    def counted(rows):
+    def output_rows():
         nonlocal failed
-        for row in rows:
-            failed += row[error] != ""
-            yield row
+        for values, row in _with_kept(rows, kept):
+            out = (*values, *(row[i] for i in pick))
+            failed += out[width + cols.index("error")] != ""
+            yield out
 
-    rows = counted(heapq.merge(*(_rows(r, cols) for r in runs), key=lambda row: row[0]))
     fmt = output_format(output)
     if fmt == "csv":
-        n = _write_csv(rows, output, cols)
+        n = _write_csv(output_rows(), output, schema.names, width)
     else:
-        n = _write_parquet(rows, output, cols, parts=fmt == "parquet-parts")
+        n = _write_parquet(output_rows(), output, schema, width, parts=fmt == "parquet-parts")
     return n, failed
 
 
-def _sorted_runs(shards: list[str], runs_dir: str) -> list[str]:
+def _with_kept(rows, kept: Kept | None):
+    """(kept values, row) for each merged row: the next table row's values for a table
+    row, nulls for a file found in a folder. A table row without exactly one prediction
+    stops the merge: the output would no longer line up with the table."""
+    if kept is None:
+        for row in rows:
+            yield (), row
+        return
+    table, expected = kept.rows(), 0
+    empty = (None,) * len(kept.schema())
+    for row in rows:
+        if not row[0].startswith(kept.prefix):
+            yield empty, row
+            continue
+        number = int(row[0][len(kept.prefix) :])
+        if number != expected:
+            raise ValueError(
+                f"table row {min(number, expected)} has {'no' if number > expected else 'a second'} prediction"
+            )
+        expected += 1
+        yield next(table), row
+
+
+def _fields(cols: list[str]) -> list[tuple]:
+    import pyarrow as pa
+
+    return [(c, pa.float64() if _is_float(c) else pa.string()) for c in cols]
+
+
+def _sorted_runs(shards: list[str], runs_dir: str, key: str) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -77,7 +141,7 @@ def _sorted_runs(shards: list[str], runs_dir: str) -> list[str]:
     for i, group in enumerate(groups):
         table = pa.concat_tables([pq.read_table(s) for s in group], promote_options="permissive")
         path = os.path.join(runs_dir, f"run-{i:05d}.parquet")
-        pq.write_table(table.sort_by("path"), path)
+        pq.write_table(table.sort_by(key), path)
         runs.append(path)
     return runs
 
@@ -89,8 +153,10 @@ def _rows(path: str, cols: list[str]):
         yield from zip(*(batch.column(c).to_pylist() for c in cols), strict=True)
 
 
-def _write_csv(rows, output: str, cols: list[str]) -> int:
-    floats = [i for i, c in enumerate(cols) if _is_float(c)]
+def _write_csv(rows, output: str, cols: list[str], first_own: int = 0) -> int:
+    """Our own floats (columns from `first_own` on) with 6 decimals, empty for none;
+    kept values as Python writes them."""
+    floats = [i for i, c in enumerate(cols) if i >= first_own and _is_float(c)]
     n = 0
     with atomic_open(output, "w", newline="") as f:
         writer = csv.writer(f)
@@ -105,14 +171,13 @@ def _write_csv(rows, output: str, cols: list[str]) -> int:
     return n
 
 
-def _write_parquet(rows, output: str, cols: list[str], parts: bool) -> int:
+def _write_parquet(rows, output: str, schema, first_own: int, parts: bool) -> int:
     """One file, or (parts) a folder of part-NNNNN.parquet files of PART_ROWS rows each,
     sorted across parts; written beside `output` and renamed onto it when complete.
     A failure has an empty predicted_category, a null confidence and its reason in error."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([(c, pa.float64() if _is_float(c) else pa.string()) for c in cols])
     rows = iter(rows)
 
     def write_file(path: str, limit: float) -> int:
@@ -124,8 +189,8 @@ def _write_parquet(rows, output: str, cols: list[str], parts: bool) -> int:
                     break
                 columns = zip(*chunk, strict=True)
                 arrays = [
-                    pa.array([_none_if_nan(v) for v in col], type=f.type)
-                    for col, f in zip(columns, schema, strict=True)
+                    pa.array([_none_if_nan(v) for v in col] if i >= first_own else list(col), type=f.type)
+                    for i, (col, f) in enumerate(zip(columns, schema, strict=True))
                 ]
                 writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
                 written += len(chunk)

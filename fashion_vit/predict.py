@@ -1,14 +1,19 @@
-"""Batch inference: a Ray Data job that maps a trained model over image folders (or
-s3://, gs:// prefixes) and writes one file of predicted categories, sorted by path.
+"""Batch inference: a Ray Data job that maps a trained model over the rows of a table of
+paths (--input-table) and over image folders (or s3://, gs:// prefixes), and writes one
+file of predicted categories: the table's rows in its order, then the folders' files
+sorted by path.
 
-    list files (driver, streamed into a Parquet manifest)
+    list rows and files (driver, streamed into a Parquet manifest of (_key, path))
       -> read + decode (CPU tasks) -> `Predictor` (actor pool, one GPU each where GPUs exist)
-      -> Parquet shards (Ray's writer, with Ray Data's job-level checkpoint on the path column)
-      -> merged into one sorted CSV or Parquet file (outputs.py), which appears only when complete.
+      -> Parquet shards (Ray's writer, with Ray Data's job-level checkpoint on the _key column)
+      -> merged into one CSV or Parquet file sorted by _key, with the table's --keep-columns
+         joined back (outputs.py); it appears only when complete.
 
-All of it lives in a work folder beside the output (`<output>.partial`) until the
-output is complete. A run whose driver was killed is continued with --resume: the
-manifest is reused and Ray Data's checkpoint filters out every path whose shard was
+`_key` is one per output row: "0:<row number>" for a table row (zero-padded, so keys sort
+in the table's order, and a path listed twice is two rows), "1:<path>" for a file found
+in a folder. All of it lives in a work folder beside the output (`<output>.partial`)
+until the output is complete. A run whose driver was killed is continued with --resume:
+the manifest is reused and Ray Data's checkpoint filters out every key whose shard was
 committed, so only unfinished work is redone; the merge then gives the same file an
 uninterrupted run writes. Without --resume an existing partial run is refused, never mixed in.
 
@@ -29,13 +34,16 @@ import torch
 
 from fashion_vit.cluster import cluster_nodes, describe, placeable, start_ray
 from fashion_vit.config import ConfigError, FashionVitError, PredictConfig
-from fashion_vit.files import atomic_open, read_bytes, walk_files
+from fashion_vit.files import absolute, atomic_open, filesystem, is_image_name, parent, read_bytes, resolve, walk_files
 from fashion_vit.model import SavedModel, load_checkpoint
-from fashion_vit.outputs import columns, merge_shards, output_format
+from fashion_vit.outputs import Kept, columns, merge_shards, output_format
 from fashion_vit.progress import Progress
+from fashion_vit.tables import TableError, iter_table
 from fashion_vit.transforms import decode_images, preprocess
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# The manifest's row key (see the module's docstring): table rows sort before files.
+KEY = "_key"
+TABLE_KEY, FILE_KEY = "0:", "1:"
 # A block is the unit of decoding, of writing and of Ray Data's checkpoint commit: at
 # most this many bytes of decoded images, and between the two row counts (fewer rows
 # cost per-block overhead; more make a resume redo more).
@@ -156,13 +164,17 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     listing = work.listing()
     if listing is None:
         t = time.perf_counter()
-        log(f"listing {', '.join(cfg.inputs)} ...")
-        listing = list_to_manifest(cfg.inputs, work)
+        log(f"listing {', '.join(filter(None, [cfg.input_table, *cfg.inputs]))} ...")
+        listing = list_to_manifest(cfg, work)
         timings["listing_s"] = time.perf_counter() - t
     if listing["found"] == 0:
         work.remove()
-        raise PredictError(f"no image files under {', '.join(cfg.inputs)} ({listing['ignored']} other files ignored)")
-    log(f"{listing['found']} image files, {listing['ignored']} other files ignored")
+        found = [f"no rows in the table {cfg.input_table}"] if cfg.input_table else []
+        if cfg.inputs:
+            found.append(f"no image files under {', '.join(cfg.inputs)} ({listing['ignored']} other files ignored)")
+        raise PredictError(" and ".join(found))
+    from_table = f" ({listing['table_rows']} table rows)" if listing.get("table_rows") else ""
+    log(f"{listing['found']} image files{from_table}, {listing['ignored']} other files ignored")
 
     t = time.perf_counter()
     start_ray(cfg.address)
@@ -191,7 +203,8 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
             f"{listing['found'] - written} of {listing['found']} predictions are missing from {work.root}: "
             "on a multi-node cluster the output's folder must be storage every node can write (or pass --work-dir)"
         )
-    rows, failed = merge_shards(shards, work.path("runs"), cfg.output, columns(cfg.top_k))
+    kept = Kept(sorted(work.kept_files()), TABLE_KEY) if cfg.keep_columns else None
+    rows, failed = merge_shards(shards, work.path("runs"), cfg.output, columns(cfg.top_k), KEY, kept)
     timings["merge_s"] = time.perf_counter() - t
     ignored_list = work.keep_ignored_list(cfg.output) if listing["ignored"] else None
     work.remove()
@@ -214,8 +227,9 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
 class WorkDir:
     """<output>.partial: what a run keeps until its output is complete.
 
-    job.json (what the run is: inputs, model, columns), manifest/ and listing.json (the
-    paths found, written once), shards/ and checkpoint/ (Ray Data's), runs/ (the merge's)."""
+    job.json (what the run is: inputs, table, model, columns), manifest/, kept/ (the
+    table's --keep-columns, in its order) and listing.json (written once, when the listing
+    is complete), shards/ and checkpoint/ (Ray Data's), runs/ (the merge's)."""
 
     root: str
 
@@ -245,6 +259,10 @@ class WorkDir:
 
         return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
+    def kept_files(self) -> list[str]:
+        folder = self.path("kept")
+        return [os.path.join(folder, n) for n in os.listdir(folder)] if os.path.isdir(folder) else []
+
     def shard_files(self) -> list[str]:
         folder = self.path("shards")
         if not os.path.isdir(folder):
@@ -260,17 +278,18 @@ class WorkDir:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-JOB_VERSION = 1
+JOB_VERSION = 2  # 2: the manifest is keyed by _key, and a job may have an input table
 
 
 def open_work(cfg: PredictConfig) -> WorkDir:
     """The run's work folder: a new one, or with --resume the interrupted run's, which
-    must be the same job (inputs, model, columns). An existing one without --resume is
-    refused: a partial run is never mixed in silently."""
+    must be the same job (inputs, table and its columns, model, output columns). An
+    existing one without --resume is refused: a partial run is never mixed in silently."""
     work = WorkDir(cfg.work_dir or cfg.output.rstrip("/" + os.sep) + ".partial")
     job = {
         "version": JOB_VERSION,
         "inputs": list(cfg.inputs),
+        "input_table": _table_job(cfg),
         "model": os.path.abspath(cfg.model),
         "model_size": _size(cfg.model),
         "top_k": cfg.top_k,
@@ -296,6 +315,27 @@ def open_work(cfg: PredictConfig) -> WorkDir:
     with atomic_open(work.path("job.json")) as f:
         json.dump(job, f, indent=2)
     return work
+
+
+def _table_job(cfg: PredictConfig) -> dict | None:
+    """What a resume must find unchanged about --input-table: where it is, the columns
+    read, and its size and modification time (a changed table would renumber its rows)."""
+    import pyarrow.fs as pafs
+
+    if cfg.input_table is None:
+        return None
+    fs, inner = filesystem(cfg.input_table)
+    info = fs.get_file_info(inner)
+    infos = (
+        [info] if info.type != pafs.FileType.Directory else fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    )
+    return {
+        "table": absolute(cfg.input_table),
+        "path_column": cfg.path_column,
+        "keep_columns": list(cfg.keep_columns),
+        "bytes": sum(i.size or 0 for i in infos),
+        "modified": max((str(i.mtime) for i in infos), default=None),
+    }
 
 
 def _size(path: str) -> int:
@@ -328,48 +368,75 @@ def list_images(inputs: list[str]):
     for root in input_roots(inputs):
         try:
             for path in walk_files(root):
-                yield path, os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+                yield path, is_image_name(path)
         except FileNotFoundError:
             raise PredictError(f"input {root!r} is not a folder") from None
 
 
-def list_to_manifest(inputs: list[str], work: WorkDir) -> dict:
-    """Stream the listing into manifest/part-*.parquet (the paths to predict) and
-    ignored.txt, never holding more than MANIFEST_ROWS paths; returns the counts, also
-    written to listing.json, which marks the listing complete."""
+def list_to_manifest(cfg: PredictConfig, work: WorkDir) -> dict:
+    """Stream the table's rows, then the folders' files, into manifest/part-*.parquet
+    (_key, path: what to predict) and the table's kept columns into kept/part-*.parquet
+    (in the table's order), never holding more than MANIFEST_ROWS rows; files without an
+    image extension go to ignored.txt. Returns the counts, also written to listing.json,
+    which marks the listing complete."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    manifest = work.path("manifest")
-    shutil.rmtree(manifest, ignore_errors=True)  # an interrupted listing starts over
-    os.makedirs(manifest)
-    found = ignored = part = 0
+    for folder in ("manifest", "kept"):
+        shutil.rmtree(work.path(folder), ignore_errors=True)  # an interrupted listing starts over
+        os.makedirs(work.path(folder))
+    parts = iter(range(1 << 62))
+
+    def write(keys: list[str], paths: list[str], kept=None) -> None:
+        part = f"part-{next(parts):05d}.parquet"
+        pq.write_table(pa.table({KEY: pa.array(keys, pa.string()), "path": pa.array(paths, pa.string())}),
+                       work.path("manifest", part))  # fmt: skip
+        if kept is not None:
+            pq.write_table(kept, work.path("kept", part))
+
+    table_rows = list_table(cfg, write) if cfg.input_table else 0
+    found = ignored = 0
     batch: list[str] = []
-
-    def flush():
-        nonlocal part
-        if batch:
-            pq.write_table(
-                pa.table({"path": pa.array(batch, pa.string())}), os.path.join(manifest, f"part-{part:05d}.parquet")
-            )
-            part += 1
-            batch.clear()
-
     with open(work.path("ignored.txt"), "w") as skipped:
-        for path, is_image in list_images(inputs):
-            if is_image:
-                batch.append(path)
-                found += 1
-                if len(batch) >= MANIFEST_ROWS:
-                    flush()
-            else:
+        for path, is_image in list_images(cfg.inputs):
+            if not is_image:
                 skipped.write(path + "\n")
                 ignored += 1
-        flush()
-    counts = {"found": found, "ignored": ignored}
+                continue
+            batch.append(path)
+            found += 1
+            if len(batch) >= MANIFEST_ROWS:
+                write([FILE_KEY + p for p in batch], batch)
+                batch.clear()
+        if batch:
+            write([FILE_KEY + p for p in batch], batch)
+    counts = {"found": table_rows + found, "ignored": ignored, "table_rows": table_rows}
     with atomic_open(work.path("listing.json")) as f:
         json.dump(counts, f)
     return counts
+
+
+def list_table(cfg: PredictConfig, write) -> int:
+    """Each row of --input-table, in order, as (key, path) with its kept columns; a
+    relative path is taken from the table's folder, an empty one stays empty (its row
+    gets an error). Returns the number of rows."""
+    import pyarrow as pa
+
+    assert cfg.input_table is not None
+    folder = parent(absolute(cfg.input_table))
+    wanted = list(dict.fromkeys([cfg.path_column, *cfg.keep_columns]))
+    n = 0
+    try:
+        for batch in iter_table(cfg.input_table, wanted, MANIFEST_ROWS):
+            refs = [("" if v is None else str(v).strip()) for v in batch.column(cfg.path_column).to_pylist()]
+            paths = [resolve(r, folder) if r else "" for r in refs]
+            keys = [f"{TABLE_KEY}{i:012d}" for i in range(n, n + len(paths))]
+            kept = pa.Table.from_batches([batch]).select(cfg.keep_columns) if cfg.keep_columns else None
+            write(keys, paths, kept)
+            n += len(paths)
+    except TableError as e:
+        raise PredictError(str(e)) from None
+    return n
 
 
 # --- the Ray Data job ----------------------------------------------------------------
@@ -378,13 +445,19 @@ def list_to_manifest(inputs: list[str], work: WorkDir) -> dict:
 def read_and_decode(batch: dict, source_size: tuple[int, int]) -> dict:
     """Ray Data task: read each path's bytes and decode; a failure becomes the row's error."""
     paths = np.asarray(batch["path"], dtype=object)
-    images, errors = decode_images(paths, source_size, read=read_bytes)
-    return {"path": paths, "image": images, "error": errors}
+    images, errors = decode_images(paths, source_size, read=read_listed)
+    return {**batch, "path": paths, "image": images, "error": errors}
+
+
+def read_listed(path: str) -> bytes:
+    if not path:
+        raise ValueError("no path in the table")
+    return read_bytes(path)
 
 
 def predict_to_shards(work: WorkDir, saved: SavedModel, cfg: PredictConfig, counter) -> None:
     """manifest -> decode -> Predictor -> shards/, with Ray Data's job-level checkpoint
-    keyed on the path: on a rerun, paths whose shard was committed are filtered out
+    keyed on the row key: on a rerun, rows whose shard was committed are filtered out
     right after the read, and a shard whose commit was cut short is deleted and redone."""
     import ray
     from ray.data.checkpoint import CheckpointConfig
@@ -394,7 +467,7 @@ def predict_to_shards(work: WorkDir, saved: SavedModel, cfg: PredictConfig, coun
     # Rows in any order: the merge sorts them, and not waiting for stragglers is faster.
     context.execution_options.preserve_order = False
     context.checkpoint_config = CheckpointConfig(
-        id_column="path", checkpoint_path=os.path.abspath(work.path("checkpoint")), delete_checkpoint_on_success=False
+        id_column=KEY, checkpoint_path=os.path.abspath(work.path("checkpoint")), delete_checkpoint_on_success=False
     )
     try:
         gpus = sum(n.gpus for n in cluster_nodes()) > 0

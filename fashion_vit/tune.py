@@ -30,6 +30,7 @@ from fashion_vit.config import (
     for_cluster,
 )
 from fashion_vit.data import (
+    MIN_CLASS_ROWS,
     DataError,
     LoadedData,
     class_counts,
@@ -195,14 +196,19 @@ def resolve_experiment(cfg: TrainConfig, storage: str) -> str:
 def prepare(cfg: TrainConfig, log=print) -> Prepared:
     """Load and split the data, check the model can be had (and get its mean/std), and
     settle the size images are decoded at: the largest input size any trial may use."""
-    data = load_data(cfg)
+    init = read_checkpoint(cfg.init_from) if cfg.init_from else None
+    # An --init-from model keeps its label order when the data's labels are among its own.
+    data = load_data(cfg, prefer=init.labels if init is not None and not cfg.reinit_head else None)
     labels = data.frame["label"].to_numpy()
     splits = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     log(data.summary())
     log("split: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     if len(splits["val"]) == 0 or len(splits["test"]) == 0:
         raise DataError("too few rows to hold out validation and test images; use more data")
-    init = read_checkpoint(cfg.init_from) if cfg.init_from else None
+    counts = np.bincount(labels, minlength=len(data.labels))
+    unmeasured = [f"{data.labels[i]} ({n})" for i, n in enumerate(counts) if 0 < n < MIN_CLASS_ROWS]
+    if unmeasured:
+        log(f"trained on but not measured (fewer than {MIN_CLASS_ROWS} images): {', '.join(unmeasured)}")
     if init is None and not cfg.from_scratch:
         init = load_pretrained(cfg.model, data.labels)
         log(f"pretrained weights: {cfg.model}, a new {len(data.labels)}-way head")
@@ -587,6 +593,7 @@ def write_summary(
             "source": data.source,
             "labels": data.labels,
             "dropped": data.dropped,
+            "small_classes_left_out": data.small_classes,
             "repaired_lines": data.repaired,
             "undecodable": undecodable,
             "split_sizes": {k: len(v) for k, v in prepared.splits.items()},

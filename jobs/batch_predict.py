@@ -1,9 +1,11 @@
-"""Label image folders with a trained model, using Ray Data.
+"""Label image folders, or the images a table lists, with a trained model, using Ray Data.
 
     python jobs/batch_predict.py --input photos/ [--input more/] [--model results/vit_model.pth]
+    python jobs/batch_predict.py --input-table catalogue.csv --path-column image --keep-columns product_id,sku
 
-Writes one CSV (path, predicted_category, confidence, error[, label_i, prob_i]) sorted
-by path; files that cannot be decoded get a row with the reason in `error`.
+Writes one CSV ([kept columns,] path, predicted_category, confidence, error[, label_i,
+prob_i]): one row per table row, in the table's order, then the folders' files sorted
+by path. A file that is missing or cannot be decoded gets a row with the reason in `error`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Score a trained model on labelled images and write a report to look at.
 
     python jobs/evaluate.py --model results/vit_model.pth                 # its own test split
-    python jobs/evaluate.py --model results/vit_model.pth --data-dir DIR  # any Kaggle-layout folder
+    python jobs/evaluate.py --model results/vit_model.pth --data-dir DIR  # a Kaggle-layout or class folder
+    python jobs/evaluate.py --model results/vit_model.pth --labels labels.csv --label-column category
 
 Writes metrics.json, per_class.csv, confusion_matrix.png and errors.png (the most
 confident mistakes) to results/report/ (or --output).

@@ -4,6 +4,11 @@
     python jobs/tune.py --search asha --num-samples 8     # + 8 sampled trials under ASHA
     python jobs/tune.py --search optuna --num-samples 8   # the same, chosen by Optuna's TPE
     python jobs/tune.py --data-dir DIR --from-scratch     # offline: the scratch recipe
+    python jobs/tune.py --data-dir photos/                # class folders: photos/<label>/<image>
+    python jobs/tune.py --labels labels.parquet --image-column path --label-column category
+
+Data: --data-dir (Kaggle layout or class folders), --labels (a CSV or Parquet table) or
+--dataset (a Hugging Face dataset); docs/data.md says what each reads and skips.
 
 Training values not given on the command line come from a recipe: "pretrained" (the
 seed's fine-tune) or, with --from-scratch, "scratch" (a tiny ViT at 32 px, 6 epochs), which

@@ -264,3 +264,76 @@ def test_parquet_output_holds_what_the_csv_holds(crawl, slow_model, uninterrupte
     assert table["error"].to_pylist() == [r["error"] for r in expected]
     for got, e in zip(table["confidence"].to_pylist(), expected, strict=True):
         assert (got is None) == (e["confidence"] == "") and (got is None or abs(got - float(e["confidence"])) <= 2e-6)
+
+
+@pytest.fixture
+def table_run(shared_data, tmp_path):
+    """768 rows (three blocks of 256 at the model's 224x224 decode size) of a product
+    export: keys with leading zeros, absolute paths, some listed twice, one missing; and
+    a random ViT-tiny slow enough that the run can be killed between two blocks."""
+    import torch
+
+    from fashion_vit.config import MASTER_CATEGORIES, TrainConfig
+    from fashion_vit.model import create_model, save_checkpoint
+    from fashion_vit.transforms import Preprocessing
+
+    torch.manual_seed(0)
+    model, (mean, std) = create_model(
+        TrainConfig(from_scratch=True, vit_size="tiny", image_size=128), list(MASTER_CATEGORIES)
+    )
+    save_checkpoint(str(tmp_path / "m.pth"), model, Preprocessing(128, (224, 224), mean, std), {}, {})
+    images = sorted((shared_data / "images").iterdir())[3000:3760]
+    paths = [str(p) for p in images] + [str(p) for p in images[:7]] + [str(tmp_path / "gone.jpg")]
+    table = tmp_path / "export.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sku", "image", "title"])
+        w.writerows([f"{i:07d}", p, f"product {i}"] for i, p in enumerate(paths))
+    return table, tmp_path / "m.pth", [(f"{i:07d}", p) for i, p in enumerate(paths)]
+
+
+@pytest.mark.slow
+def test_a_killed_table_run_resumes_with_every_row_once_in_order(table_run, ray_session, tmp_path, capsys):
+    """The driver is killed after its first block is committed, on the session's Ray (a
+    cluster whose driver died); --resume with the same table and columns finishes the
+    rest, and the output joins back to the table on its key, no row missing or doubled."""
+    import ray
+
+    from jobs import batch_predict
+
+    table, model, rows = table_run
+    out = tmp_path / "pred.csv"
+    checkpoint = Path(str(out) + ".partial") / "checkpoint"
+    args = ["--input-table", str(table), "--path-column", "image", "--keep-columns", "sku",
+            "--model", str(model), "--output", str(out), "--batch-size", "64"]  # fmt: skip
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "jobs/batch_predict.py", *args], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            committed = lambda: (
+                checkpoint.is_dir()
+                and any(p.suffix == ".parquet" and ".pending" not in p.name for p in checkpoint.iterdir())
+            )
+            _wait_for(committed, proc)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not out.exists()
+
+    # A resume with other columns is another job: refused, like one without --resume.
+    assert batch_predict.main([*args[:5], "sku,title", *args[6:], "--resume"]) == 2
+    assert "a run with other input_table" in capsys.readouterr().err
+    assert batch_predict.main(args) == 2 and "--resume" in capsys.readouterr().err
+
+    assert batch_predict.main([*args, "--resume"]) == 0
+    before, now = map(int, re.search(r"resumed: (\d+) files were done by the interrupted run, (\d+) now",
+                                     capsys.readouterr().out).groups())  # fmt: skip
+    assert before >= 256 and before + now == len(rows) and now < len(rows)
+    got = read_csv(out)
+    assert [(r["sku"], r["path"]) for r in got] == rows  # every row once, in the table's order
+    assert [r["error"] == "" for r in got] == [True] * (len(rows) - 1) + [False]
+    assert "No such file" in got[-1]["error"]
+    first = {r["path"]: r["predicted_category"] for r in got[:7]}
+    assert all(first[r["path"]] == r["predicted_category"] for r in got[760:767])  # a path listed twice: same answer
+    assert not Path(str(out) + ".partial").exists()
