@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fashion_vit.cluster import cluster_nodes, describe, placeable, start_ray
+from fashion_vit.cluster import cluster_nodes, describe, placeable, start_ray, warn_if_not_shared
 from fashion_vit.config import ConfigError, FashionVitError, PredictConfig
 from fashion_vit.files import atomic_open, read_bytes, walk_files
 from fashion_vit.model import SavedModel, load_checkpoint
 from fashion_vit.outputs import columns, merge_shards, output_format
+from fashion_vit.preemption import Preempted, on_sigterm, raise_preempted
 from fashion_vit.progress import Progress
 from fashion_vit.transforms import decode_images, preprocess
 
@@ -66,6 +67,7 @@ class PredictOutcome:
     done_before: int = 0  # files an interrupted run had finished (--resume)
     ignored_list: str | None = None  # where the ignored files are listed
     timings: dict = field(default_factory=dict)
+    redone: int = 0  # predictions made again: the batches a lost actor or node had in hand
 
     def summary(self) -> str:
         rate = (self.predicted + self.failed - self.done_before) / self.seconds if self.seconds else 0.0
@@ -82,6 +84,8 @@ class PredictOutcome:
             lines.append(
                 f"resumed: {self.done_before} files were done by the interrupted run, {self.predicted + self.failed - self.done_before} now"
             )
+        if self.redone:
+            lines.append(f"{self.redone} predictions were made again (work a lost actor or node had in hand)")
         lines.append(f"{rate:.1f} images/s over {self.seconds:.1f}s")
         return "\n".join(lines)
 
@@ -148,11 +152,27 @@ class Predictor:
 
 
 def run(cfg: PredictConfig, log=print) -> PredictOutcome:
-    """The whole `jobs/batch_predict.py`."""
+    """The whole `jobs/batch_predict.py`. SIGTERM stops it at once: every block whose
+    shard was written is committed (Ray Data commits each as it is written), and
+    Preempted says how many files are done and carries the flags that continue it."""
+    state: dict = {}  # what a SIGTERM finds done: the work folder once it exists
+    try:
+        with on_sigterm(raise_preempted):
+            return _run(cfg, state, log)
+    except Preempted as e:
+        work = state.get("work")
+        if work is None:  # stopped before its work folder existed: nothing to continue
+            raise
+        found = (work.listing() or {}).get("found")
+        done = f"{work.committed_rows()} of {found} files" if found is not None else "the listing was not finished:"
+        raise Preempted(f"{e}: {done} done and committed in {work.root}", ["--resume"]) from None
+
+
+def _run(cfg: PredictConfig, state: dict, log) -> PredictOutcome:
     t0 = time.perf_counter()
     timings = {}
     saved = load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
-    work = open_work(cfg)
+    work = state["work"] = open_work(cfg)
     listing = work.listing()
     if listing is None:
         t = time.perf_counter()
@@ -167,6 +187,11 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     t = time.perf_counter()
     start_ray(cfg.address)
     check_actors_fit(cfg.num_actors, cluster_nodes())
+    # The shards and Ray Data's checkpoint must outlive any one node, and every node reads the inputs.
+    warn_if_not_shared(
+        write=[("--work-dir" if cfg.work_dir else "--output", work.root)],
+        read=[("--input", path) for path in cfg.inputs],
+    )
     timings["ray_start_s"] = time.perf_counter() - t
     done_before = work.committed_rows()
     if done_before:
@@ -204,6 +229,7 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
         done_before,
         ignored_list,
         timings,
+        redone=max(0, _predicted_rows(counter) - (written - done_before)),
     )
 
 
@@ -480,6 +506,7 @@ def check_actors_fit(num_actors: int | None, nodes) -> None:
 def make_counter():
     """A tiny actor the predictors tell how many rows they finished."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class Counter:
@@ -492,7 +519,18 @@ def make_counter():
         def value(self) -> int:
             return self.n
 
-    return Counter.remote()
+    # On the driver's node: the count must outlive the loss of any other node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Counter.options(scheduling_strategy=here).remote()
+
+
+def _predicted_rows(counter) -> int:
+    """Rows the predictors were called on, redone ones included (the actors tell the
+    counter without waiting, so the last batch may not have landed yet)."""
+    try:
+        return int(_ray_get(counter.value.remote()))
+    except Exception:  # a count that cannot be had says nothing was redone, and ends no job
+        return 0
 
 
 def _ray_get(ref):
