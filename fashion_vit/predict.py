@@ -153,26 +153,25 @@ class Predictor:
 
 def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     """The whole `jobs/batch_predict.py`. SIGTERM stops it at once: every block whose
-    shard was written is committed (Ray Data commits each as it is written), and
-    Preempted says how many files are done and carries the flags that continue it."""
-    state: dict = {}  # what a SIGTERM finds done: the work folder once it exists
+    shard was written is already committed (Ray Data commits each as it writes it),
+    and Preempted says how many files are done and carries the flags that continue it."""
+    t0 = time.perf_counter()
+    saved = load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
+    work = open_work(cfg)
     try:
         with on_sigterm(raise_preempted):
-            return _run(cfg, state, log)
+            return _run(cfg, saved, work, t0, log)
     except Preempted as e:
-        work = state.get("work")
-        if work is None:  # stopped before its work folder existed: nothing to continue
-            raise
         found = (work.listing() or {}).get("found")
-        done = f"{work.committed_rows()} of {found} files" if found is not None else "the listing was not finished:"
-        raise Preempted(f"{e}: {done} done and committed in {work.root}", ["--resume"]) from None
+        if found is None:
+            done = f"the listing of the inputs was not finished ({work.root})"
+        else:
+            done = f"{work.committed_rows()} of {found} files done and committed in {work.root}"
+        raise Preempted(f"{e}: {done}", ["--resume"]) from None
 
 
-def _run(cfg: PredictConfig, state: dict, log) -> PredictOutcome:
-    t0 = time.perf_counter()
+def _run(cfg: PredictConfig, saved: SavedModel, work: WorkDir, t0: float, log) -> PredictOutcome:
     timings = {}
-    saved = load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
-    work = state["work"] = open_work(cfg)
     listing = work.listing()
     if listing is None:
         t = time.perf_counter()

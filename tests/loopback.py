@@ -62,6 +62,7 @@ class LoopbackCluster:
         self.env["RAY_API_SERVER_ADDRESS"] = self.address
         self.nodes: dict[str, subprocess.Popen] = {}
         self.client: subprocess.Popen | None = None
+        self._args: dict[str, list[str]] = {}
 
     # --- nodes -------------------------------------------------------------------------
 
@@ -92,12 +93,28 @@ class LoopbackCluster:
         assert self._reply() == {"ready": True}
 
     def add_node(self, name: str, cpus: int = 2, wait: bool = True) -> None:
-        """A worker node with `cpus` CPUs and a resource named after it (fv_<name>)."""
+        """A worker node with `cpus` CPUs and a resource named after it (fv_<name>);
+        with wait=False, call joined(name) before relying on it."""
         self._start(name, [f"--address={self.gcs}", f"--num-cpus={cpus}", f'--resources={{"fv_{name}": 1}}'])
         if wait:
-            wait_for(lambda: self.node_id(name), STARTUP_S, f"node {name} did not join")
+            self.joined(name)
+
+    def joined(self, name: str) -> str:
+        """The node's id once it has joined. A node whose raylet gave up while starting is
+        started again: on a loaded machine its dashboard agent can take longer to come up
+        than the raylet waits for it (seen: "Timed out waiting for file ...
+        dashboard_agent_listen_port_...", and `ray start --block` exits)."""
+        deadline = time.time() + STARTUP_S
+        while not (node := self.node_id(name)):
+            if self.nodes[name].poll() is not None:
+                self.kill_node(name)
+                self._start(name, self._args[name])
+            assert time.time() < deadline, f"node {name} did not join"
+            time.sleep(2)
+        return node
 
     def _start(self, name: str, args: list[str]) -> None:
+        self._args[name] = args
         # Ports of their own: a node's agents otherwise take Ray's fixed defaults (52365,
         # ...), which another Ray on this machine may hold; its agent then never serves.
         ports = [

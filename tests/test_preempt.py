@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY_ARGS
-from tests.test_nodes import expected_predictions, reported_epochs
+from tests.test_nodes import expected_predictions, linked_copies, reported_epochs
 
 # --- the pieces, without Ray ------------------------------------------------------------------
 
@@ -99,6 +99,13 @@ def test_a_path_some_nodes_cannot_see_gets_one_line():
     ]
 
 
+def test_predictions_made_again_do_not_take_the_progress_line_past_the_end():
+    from fashion_vit.progress import Progress
+
+    line = Progress(lambda: 0, total=1000, before=200).line(done=900, elapsed=10.0)  # 100 made twice
+    assert line.startswith("1000/1000 files (100.0%), 90 images/s, 0s left"), line
+
+
 @pytest.mark.slow
 def test_the_probe_asks_the_node_itself(ray_session, tmp_path):
     """The task pinned to a node answers from that node's disk (here the only node)."""
@@ -173,16 +180,10 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
     committed before the notice, and only the rest is predicted again."""
     import ray
 
-    images = sorted((samples["train"] / "images").iterdir()) + sorted((samples["holdout"] / "images").iterdir())
-    inputs = []
-    for copy in range(3):  # 5,400 files: three folders of links to the same 1,800 real images
-        folder = tmp_path / f"copy{copy}"
-        folder.mkdir()
-        for image in images:
-            os.symlink(image, folder / image.name)
-        inputs.append(str(folder))
+    inputs = linked_copies(samples, tmp_path / "in", copies=3)  # 5,400 files
     out = tmp_path / "pred.csv"
-    args = [a for d in inputs for a in ("--input", d)] + [
+    args = [
+        *(a for d in inputs for a in ("--input", d)),
         "--model",
         str(trained / "vit_model.pth"),
         "--output",
@@ -204,7 +205,7 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
     assert f"resumed: {done} files were done by the interrupted run, {5400 - done} now" in resumed.stdout
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert [r["path"] for r in rows] == sorted(str(Path(d) / i.name) for d in inputs for i in images)
-    expected = expected_predictions(trained / "vit_model.pth", [str(i) for i in images])
+    assert [r["path"] for r in rows] == sorted(str(p) for d in inputs for p in Path(d).iterdir())
+    expected = expected_predictions(trained / "vit_model.pth", sorted(str(p) for p in Path(inputs[0]).iterdir()))
     by_name = {Path(path).name: category for path, (category, _) in expected.items()}
     assert [r["predicted_category"] for r in rows] == [by_name[Path(r["path"]).name] for r in rows]
