@@ -11,7 +11,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from fashion_vit.config import NOT_IN_RECIPE, ConfigError, FashionVitError, recipe_help
-from fashion_vit.preemption import EXIT_PREEMPTED, Preempted
+from fashion_vit.preemption import Preempted
 
 _FLAG_ACTIONS = ("store_true", "store_false", "store_const")
 
@@ -74,7 +74,8 @@ def parse_config(config_cls, argv, prog: str, description: str) -> dict:
 def run_job(prog: str, fn, argv: list[str] | None = None, script: str | None = None) -> int:
     """Run `fn()`; a user-fixable error prints `prog: error: ...` and returns 2 for a bad
     flag (before any work starts) or 1 for a failure while running. A job stopped by
-    SIGTERM (`Preempted`) prints the command that continues it and returns 143.
+    SIGTERM (`Preempted`) prints the command that continues it and returns 143 (130
+    for a tune job stopped by Ctrl+C).
 
     argv, script: the job's flags (default sys.argv[1:]) and its file, for that command."""
     try:
@@ -83,7 +84,7 @@ def run_job(prog: str, fn, argv: list[str] | None = None, script: str | None = N
         command = continue_command(script or sys.argv[0], sys.argv[1:] if argv is None else argv, e.resume)
         verb = "continue it" if "--resume" in e.resume else "start it again"
         print(f"{prog}: {e}; {verb} with:\n  {command}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return e.exit_code
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

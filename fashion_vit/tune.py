@@ -45,7 +45,7 @@ from fashion_vit.evaluate import score_test_split
 from fashion_vit.files import absolute, atomic_open, is_uri, join, subfolders
 from fashion_vit.metrics import format_report
 from fashion_vit.model import ModelError, SavedModel, create_model, load_pretrained, read_checkpoint
-from fashion_vit.preemption import Preempted, on_sigterm
+from fashion_vit.preemption import EXIT_PREEMPTED, Preempted, on_sigterm
 from fashion_vit.report import plot_learning_curves, plot_search, write_model_card
 from fashion_vit.train import MODEL_FILE, train_loop_per_worker
 from fashion_vit.transforms import Preprocessing
@@ -147,9 +147,11 @@ def _run(cfg: TrainConfig, storage: str, stop: StopOnSigterm, log) -> TuneOutcom
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
     with stop.tuning():
         results = build_tuner(cfg, prepared, datasets, storage).fit()
-    if stop.received:
-        # fit() returned because of SIGTERM: its trials are unfinished, so their best is no result.
-        raise Preempted("stopped by SIGTERM: the experiment state is saved and no model was exported")
+    if stop.received or len(results) > results.num_terminated + results.num_errors:
+        # fit() returned on SIGTERM or Ctrl+C (Tune's own stop-and-save): trials are
+        # unfinished, and the best of what they reported so far is not the job's result.
+        how, code = ("SIGTERM", EXIT_PREEMPTED) if stop.received else ("Ctrl+C", 130)
+        raise Preempted(f"stopped by {how}: the experiment state is saved and no model was exported", exit_code=code)
     timings["tune_s"] = time.perf_counter() - t
     trials = summarise_trials(results)
     if cfg.search == "optuna":

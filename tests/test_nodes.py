@@ -160,8 +160,8 @@ def start_joining(cluster) -> str:
 
 
 def linked_copies(samples, dest: Path, copies: int) -> list[str]:
-    """`copies` folders of links to the 1,800 sample images, as input folders: more files
-    than one block of this model (4,096 rows) with 3, and a run long enough to act in."""
+    """`copies` folders of links to the 1,800 sample images, as input folders: a run long
+    enough to act in (with 3, more files than one block of this model, 4,096 rows)."""
     images = sorted((samples["train"] / "images").iterdir()) + sorted((samples["holdout"] / "images").iterdir())
     folders = []
     for copy in range(copies):
@@ -171,6 +171,12 @@ def linked_copies(samples, dest: Path, copies: int) -> list[str]:
             (folder / image.name).symlink_to(image)
         folders.append(str(folder))
     return folders
+
+
+def files_done(log: Path) -> int:
+    """Files done by the batch job's latest progress line ("123/3600 files (3.4%), ..."), or 0."""
+    lines = [line for line in job_log(log).splitlines() if " files (" in line and "/" in line.split()[0]]
+    return int(lines[-1].split("/")[0]) if lines else 0
 
 
 def expected_predictions(model: Path, paths: list[str]) -> dict[str, tuple[str, float]]:
@@ -197,16 +203,19 @@ def test_batch_predict_loses_the_node_of_its_predictor_and_no_file_is_lost_or_do
     once its CPUs are free (the shard writes need some). (c) a node joins mid-run, the
     head stays full: the restarted actor goes to the new node. Either way the job
     finishes in-process with every file once and the same predictions."""
-    inputs = linked_copies(samples, tmp_path / "in", copies=3)
+    inputs = linked_copies(samples, tmp_path / "in", copies=2)  # 3,600 files: one block, decoded, then predicted
     out, log = tmp_path / "pred.csv", tmp_path / "predict.log"
     job = cluster.submit(sys.executable, "jobs/batch_predict.py", *(a for d in inputs for a in ("--input", d)),
                          "--model", str(trained / "vit_model.pth"), "--output", str(out), "--batch-size", "1",
                          log=log)  # fmt: skip
     lost = cluster.node_id(node)
-    predictors = wait_while_running(job, log, lambda: cluster.actors_on(lost, "MapWorker"), "a predictor actor")
-    # Joined after the actor was placed, before the kill: where Ray Data restarts it.
-    new = cluster.joined(start_joining(cluster)) if replacement == "new node" else None
-    time.sleep(1)  # into its batches
+    wait_while_running(job, log, lambda: cluster.actors_on(lost, "MapWorker"), "a predictor actor")
+    # Joins after the actor was placed, before the kill: where Ray Data restarts it.
+    joining = start_joining(cluster) if replacement == "new node" else None
+    # Into its predictions (its progress line, every 5 s), not only its decoding.
+    wait_while_running(job, log, lambda: 0 < files_done(log) < 1800, "the first predictions")
+    new = cluster.joined(joining) if joining else None
+    predictors = cluster.actors_on(lost, "MapWorker")
     assert job.poll() is None, "the job finished before its node could be killed"
     killed_at = time.time()
     cluster.kill_node(node)
@@ -229,7 +238,7 @@ def test_batch_predict_loses_the_node_of_its_predictor_and_no_file_is_lost_or_do
     assert [r["predicted_category"] for r in rows] == [by_name[Path(p).name][0] for p in paths]
     assert np.allclose([float(r["confidence"]) for r in rows], [by_name[Path(p).name][1] for p in paths], atol=1e-4)
     redone = [int(line.split()[0]) for line in text.splitlines() if "predictions were made again" in line]
-    assert redone and redone[0] > 0, "the lost actor had no batch in hand"
+    assert redone and redone[0] > 0, "the lost actor had no prediction in hand"
     print(
         f"\n[batch, node lost, {replacement} takes over] finished in-process; a predictor on the {replacement} "
         f"{restarted_at - killed_at:.1f}s after the kill; predictions made again: {redone[0]}"

@@ -48,6 +48,12 @@ def test_a_preempted_job_prints_the_command_and_exits_143(capsys):
     assert err[0] == "batch_predict.py: stopped by SIGTERM: 10 of 20 files done; continue it with:"
     assert shlex.split(err[1]) == [sys.executable, "jobs/batch_predict.py", "--input", "x", "--resume"]
 
+    def interrupted():  # tune stopped by Ctrl+C: the same, with Ctrl+C's status
+        raise Preempted("stopped by Ctrl+C", ["--resume", "--name", "x"], exit_code=130)
+
+    assert run_job("tune.py", interrupted, [], "jobs/tune.py") == 130
+    assert capsys.readouterr().err.startswith("tune.py: stopped by Ctrl+C; continue it with:\n")
+
 
 def test_sigterm_stops_tune_as_ctrl_c_does_while_it_runs_and_at_once_otherwise():
     from fashion_vit.preemption import Preempted
