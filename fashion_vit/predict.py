@@ -47,10 +47,14 @@ MANIFEST_ROWS = 50_000  # paths per manifest file while listing
 # that takes a whole CPU, and its file listing task takes another, neither of which can
 # be configured: with whole CPUs everywhere a 2-CPU machine would have none left and wait
 # forever (seen). So the light stages (manifest reads, shard writes) ask for a quarter,
-# and on CPU-only clusters the decode+predict actor asks for none: it sizes its torch
-# threads to the node itself, so the number is bookkeeping, not a limit.
+# and on CPU-only clusters the decode+predict actor asks for a sliver: it sizes its
+# torch threads to the node itself, so the number is bookkeeping, not a limit; but not
+# none, or Ray would place it (and restart it, when its node is lost) on a node whose
+# CPUs are all taken, such as the head under other work, as readily as on a free one.
+# (Scoring the test split after training keeps none: a trial's CPUs may not be given
+# back yet, see docs/cluster.md, two Ray instances.)
 LIGHT_CPUS = 0.25
-CPU_PREDICTOR_CPUS = 0
+CPU_PREDICTOR_CPUS = 0.01
 
 
 class PredictError(FashionVitError):
@@ -436,7 +440,9 @@ def predict_to_shards(work: WorkDir, saved: SavedModel, cfg: PredictConfig, coun
             # 1024 images/s); on GPUs whole-CPU tasks, kept apart from the GPU actors.
             num_cpus=1 if gpus else CPU_PREDICTOR_CPUS,
         )
-        ds = add_predictions(ds, saved, cfg.batch_size, cfg.top_k, cfg.threads, cfg.num_actors, progress=counter)
+        ds = add_predictions(
+            ds, saved, cfg.batch_size, cfg.top_k, cfg.threads, cfg.num_actors, counter, cpus=CPU_PREDICTOR_CPUS
+        )
         ds.write_parquet(os.path.abspath(work.path("shards")), ray_remote_args={"num_cpus": LIGHT_CPUS})
     finally:
         context.checkpoint_config = previous
@@ -456,9 +462,10 @@ def add_predictions(
     threads: int | None = None,
     num_actors: int | None = None,
     progress=None,
+    cpus: float = 0,
 ):
     """Map `Predictor` over a dataset with a decoded `image` column, on an actor pool:
-    one GPU per actor where the cluster has GPUs, CPU actors otherwise."""
+    one GPU per actor where the cluster has GPUs, CPU actors (asking for `cpus`) otherwise."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -466,7 +473,7 @@ def add_predictions(
     # No CPU reserved beside the GPU: its host-side work is a thread's worth, and with
     # Ray Data's default of one CPU per GPU actor, a node with as many GPUs as CPUs had
     # none left for decoding and waited forever (seen with 2 GPUs on 2 CPUs).
-    resources = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": CPU_PREDICTOR_CPUS}
+    resources = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": cpus}
     return ds.map_batches(
         Predictor,
         # One copy in the object store for all actors, not one pickled per actor.

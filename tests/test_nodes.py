@@ -34,9 +34,7 @@ _names = itertools.count(2)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, trained):
-    # `trained` first: a tune run on the suite's Ray while this cluster's Ray also runs on
-    # the machine would not give back its trial's CPUs (docs/cluster.md, two Ray instances).
+def cluster(tmp_path_factory):
     c = LoopbackCluster(tmp_path_factory.mktemp("nodes-home"))
     try:
         c.start_head(cpus=2)
@@ -150,7 +148,7 @@ def checkpoint_time(out: Path, name: str, epoch: int) -> float:
 
 
 def start_joining(cluster) -> str:
-    """Start a new node (2 CPUs); its name."""
+    """Start a new node (2 CPUs); its name. cluster.joined(name) waits for it."""
     name = f"n{next(_names)}"
     cluster.add_node(name, cpus=2, wait=False)
     return name
@@ -159,24 +157,20 @@ def start_joining(cluster) -> str:
 # --- the batch job ----------------------------------------------------------------------------
 
 
-def linked_copies(samples, dest: Path, copies: int) -> list[str]:
-    """`copies` folders of links to the 1,800 sample images, as input folders: a run long
-    enough to act in (with 3, more files than one block of this model, 4,096 rows)."""
-    images = sorted((samples["train"] / "images").iterdir()) + sorted((samples["holdout"] / "images").iterdir())
-    folders = []
-    for copy in range(copies):
-        folder = dest / f"copy{copy}"
-        folder.mkdir(parents=True)
-        for image in images:
-            (folder / image.name).symlink_to(image)
-        folders.append(str(folder))
-    return folders
+def random_model(path: Path, image_size: int, source_size: tuple[int, int]) -> Path:
+    """A seeded random ViT-tiny saved as vit_model.pth: its predictions are as fixed as a
+    trained one's, and it needs no training. At 128 px (64 patches) ~100 images/s on 2 cores."""
+    import torch
 
+    from fashion_vit.config import MASTER_CATEGORIES, TrainConfig
+    from fashion_vit.model import create_model, save_checkpoint
+    from fashion_vit.transforms import Preprocessing
 
-def files_done(log: Path) -> int:
-    """Files done by the batch job's latest progress line ("123/3600 files (3.4%), ..."), or 0."""
-    lines = [line for line in job_log(log).splitlines() if " files (" in line and "/" in line.split()[0]]
-    return int(lines[-1].split("/")[0]) if lines else 0
+    torch.manual_seed(0)
+    cfg = TrainConfig(from_scratch=True, vit_size="tiny", image_size=image_size)
+    model, (mean, std) = create_model(cfg, list(MASTER_CATEGORIES))
+    save_checkpoint(str(path), model, Preprocessing(image_size, source_size, mean, std), {}, {})
+    return path
 
 
 def expected_predictions(model: Path, paths: list[str]) -> dict[str, tuple[str, float]]:
@@ -186,7 +180,7 @@ def expected_predictions(model: Path, paths: list[str]) -> dict[str, tuple[str, 
     from fashion_vit.predict import Predictor, read_and_decode
 
     saved = load_checkpoint(str(model))
-    predictor = Predictor(saved, threads=1)
+    predictor = Predictor(saved)
     out = {}
     for i in range(0, len(paths), 256):
         batch = read_and_decode({"path": np.array(paths[i : i + 256], dtype=object)}, saved.preprocessing.source_size)
@@ -195,25 +189,41 @@ def expected_predictions(model: Path, paths: list[str]) -> dict[str, tuple[str, 
     return out
 
 
+def files_done(log: Path) -> int:
+    """Files done by the batch job's latest progress line ("123/1800 files (6.8%), ..."), or 0."""
+    lines = [line for line in job_log(log).splitlines() if " files (" in line and "/" in line.split()[0]]
+    return int(lines[-1].split("/")[0]) if lines else 0
+
+
+@pytest.fixture(scope="module")
+def slow_batch(samples, tmp_path_factory):
+    """The 1,800 sample images, a model slow enough (~100 images/s) to act in the middle
+    of a run (the images decode as one block, then are predicted), and what an
+    undisturbed run predicts for them."""
+    model = random_model(tmp_path_factory.mktemp("slow-model") / "vit_model.pth", 128, (80, 60))
+    inputs = [str(samples["train"] / "images"), str(samples["holdout"] / "images")]
+    paths = sorted(str(p) for d in inputs for p in Path(d).iterdir())
+    return {"model": model, "inputs": inputs, "expected": expected_predictions(model, paths)}
+
+
 @pytest.mark.parametrize("replacement", ["head", "new node"])
 def test_batch_predict_loses_the_node_of_its_predictor_and_no_file_is_lost_or_doubled(
-    cluster, node, trained, samples, tmp_path, replacement
+    cluster, node, slow_batch, tmp_path, replacement
 ):
     """(b) the predictor actor's node is lost; Ray Data restarts the actor on the head
-    once its CPUs are free (the shard writes need some). (c) a node joins mid-run, the
-    head stays full: the restarted actor goes to the new node. Either way the job
-    finishes in-process with every file once and the same predictions."""
-    inputs = linked_copies(samples, tmp_path / "in", copies=2)  # 3,600 files: one block, decoded, then predicted
+    once its CPUs are free. (c) a node joins mid-run, the head stays full: the restarted
+    actor goes to the new node. Either way the job finishes in-process (no --resume)
+    with every file once and the predictions of an undisturbed run."""
     out, log = tmp_path / "pred.csv", tmp_path / "predict.log"
-    job = cluster.submit(sys.executable, "jobs/batch_predict.py", *(a for d in inputs for a in ("--input", d)),
-                         "--model", str(trained / "vit_model.pth"), "--output", str(out), "--batch-size", "1",
-                         log=log)  # fmt: skip
+    job = cluster.submit(sys.executable, "jobs/batch_predict.py", "--input", slow_batch["inputs"][0],
+                         "--input", slow_batch["inputs"][1], "--model", str(slow_batch["model"]),
+                         "--output", str(out), "--batch-size", "32", log=log)  # fmt: skip
     lost = cluster.node_id(node)
     wait_while_running(job, log, lambda: cluster.actors_on(lost, "MapWorker"), "a predictor actor")
     # Joins after the actor was placed, before the kill: where Ray Data restarts it.
     joining = start_joining(cluster) if replacement == "new node" else None
     # Into its predictions (its progress line, every 5 s), not only its decoding.
-    wait_while_running(job, log, lambda: 0 < files_done(log) < 1800, "the first predictions")
+    wait_while_running(job, log, lambda: 0 < files_done(log) < 1200, "the first predictions")
     new = cluster.joined(joining) if joining else None
     predictors = cluster.actors_on(lost, "MapWorker")
     assert job.poll() is None, "the job finished before its node could be killed"
@@ -231,12 +241,10 @@ def test_batch_predict_loses_the_node_of_its_predictor_and_no_file_is_lost_or_do
 
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    paths = [r["path"] for r in rows]
-    assert paths == sorted(str(p) for d in inputs for p in Path(d).iterdir())  # each file exactly once
-    expected = expected_predictions(trained / "vit_model.pth", sorted(str(p) for p in Path(inputs[0]).iterdir()))
-    by_name = {Path(p).name: value for p, value in expected.items()}
-    assert [r["predicted_category"] for r in rows] == [by_name[Path(p).name][0] for p in paths]
-    assert np.allclose([float(r["confidence"]) for r in rows], [by_name[Path(p).name][1] for p in paths], atol=1e-4)
+    expected = slow_batch["expected"]
+    assert [r["path"] for r in rows] == sorted(expected)  # each file exactly once
+    assert [r["predicted_category"] for r in rows] == [expected[r["path"]][0] for r in rows]
+    assert np.allclose([float(r["confidence"]) for r in rows], [expected[r["path"]][1] for r in rows], atol=1e-4)
     redone = [int(line.split()[0]) for line in text.splitlines() if "predictions were made again" in line]
     assert redone and redone[0] > 0, "the lost actor had no prediction in hand"
     print(

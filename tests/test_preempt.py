@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TINY_ARGS
-from tests.test_nodes import expected_predictions, linked_copies, reported_epochs
+from tests.test_nodes import expected_predictions, random_model, reported_epochs
 
 # --- the pieces, without Ray ------------------------------------------------------------------
 
@@ -180,25 +180,26 @@ def test_sigterm_to_tune_saves_the_experiment_and_the_printed_command_continues_
 
 @pytest.mark.slow
 def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_command_continues_it(
-    trained, samples, ray_session, tmp_path
+    samples, ray_session, tmp_path
 ):
-    """More files than one block (4096 rows for this model): the first block is
-    committed before the notice, and only the rest is predicted again."""
+    """5,400 files, more than one block (4,096 rows for this model): the first block is
+    committed before the notice, and only the rest is predicted by the next run."""
     import ray
 
-    inputs = linked_copies(samples, tmp_path / "in", copies=3)  # 5,400 files
+    model = random_model(tmp_path / "vit_model.pth", 32, (32, 24))
+    images = sorted((samples["train"] / "images").iterdir()) + sorted((samples["holdout"] / "images").iterdir())
+    inputs = []
+    for copy in range(3):  # three folders of links to the same 1,800 real images
+        folder = tmp_path / f"copy{copy}"
+        folder.mkdir()
+        for image in images:
+            (folder / image.name).symlink_to(image)
+        inputs.append(str(folder))
     out = tmp_path / "pred.csv"
-    args = [
-        *(a for d in inputs for a in ("--input", d)),
-        "--model",
-        str(trained / "vit_model.pth"),
-        "--output",
-        str(out),
-    ]
+    args = [*(a for d in inputs for a in ("--input", d)), "--model", str(model), "--output", str(out)]
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    committed = lambda: [
-        p for p in (tmp_path / "pred.csv.partial" / "checkpoint").glob("*.parquet") if ".pending" not in p.name
-    ]
+    checkpoint = tmp_path / "pred.csv.partial" / "checkpoint"
+    committed = lambda: [p for p in checkpoint.glob("*.parquet") if ".pending" not in p.name]
     proc = run_until([sys.executable, "jobs/batch_predict.py", *args], env, tmp_path / "first.log", committed)
     command = stop_with_sigterm(proc, tmp_path / "first.log")
     assert command == [sys.executable, "jobs/batch_predict.py", *args, "--resume"]
@@ -211,7 +212,7 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
     assert f"resumed: {done} files were done by the interrupted run, {5400 - done} now" in resumed.stdout
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert [r["path"] for r in rows] == sorted(str(p) for d in inputs for p in Path(d).iterdir())
-    expected = expected_predictions(trained / "vit_model.pth", sorted(str(p) for p in Path(inputs[0]).iterdir()))
+    assert [r["path"] for r in rows] == sorted(str(Path(d) / i.name) for d in inputs for i in images)
+    expected = expected_predictions(model, [str(Path(inputs[0]) / i.name) for i in images])
     by_name = {Path(path).name: category for path, (category, _) in expected.items()}
     assert [r["predicted_category"] for r in rows] == [by_name[Path(r["path"]).name] for r in rows]
