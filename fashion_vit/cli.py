@@ -1,14 +1,17 @@
 """What the jobs share on the command line: a parser built from a config dataclass's
 `option()` declarations, and turning a FashionVitError into one line on stderr with a
-non-zero exit."""
+non-zero exit (and a job stopped by SIGTERM into the command that continues it)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from dataclasses import MISSING, fields
 
 from fashion_vit.config import NOT_IN_RECIPE, ConfigError, FashionVitError, recipe_help
+from fashion_vit.preemption import Preempted
 
 _FLAG_ACTIONS = ("store_true", "store_false", "store_const")
 
@@ -68,11 +71,20 @@ def parse_config(config_cls, argv, prog: str, description: str) -> dict:
     return vars(build_parser(config_cls, prog, description).parse_args(argv))
 
 
-def run_job(prog: str, fn) -> int:
+def run_job(prog: str, fn, argv: list[str] | None = None, script: str | None = None) -> int:
     """Run `fn()`; a user-fixable error prints `prog: error: ...` and returns 2 for a bad
-    flag (before any work starts) or 1 for a failure while running."""
+    flag (before any work starts) or 1 for a failure while running. A job stopped by
+    SIGTERM (`Preempted`) prints the command that continues it and returns 143 (130
+    for a tune job stopped by Ctrl+C).
+
+    argv, script: the job's flags (default sys.argv[1:]) and its file, for that command."""
     try:
         fn()
+    except Preempted as e:
+        command = continue_command(script or sys.argv[0], sys.argv[1:] if argv is None else argv, e.resume)
+        verb = "continue it" if "--resume" in e.resume else "start it again"
+        print(f"{prog}: {e}; {verb} with:\n  {command}", file=sys.stderr)
+        return e.exit_code
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -83,3 +95,28 @@ def run_job(prog: str, fn) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def continue_command(script: str, argv: list[str], flags: list[str]) -> str:
+    """The same command line with `flags` added (a flag already given, with its value,
+    is replaced), as one shell-quoted line: `python jobs/tune.py ... --resume --name x`."""
+    argv = list(argv)
+    for i, flag in enumerate(flags):
+        if not flag.startswith("--"):
+            continue
+        takes_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+        argv = _without(argv, flag, takes_value)
+    path = os.path.relpath(script)
+    return shlex.join([sys.executable, script if path.startswith("..") else path, *argv, *flags])
+
+
+def _without(argv: list[str], flag: str, takes_value: bool) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = takes_value
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out

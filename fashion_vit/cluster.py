@@ -1,8 +1,10 @@
-"""The Ray cluster both jobs run on: joining or starting it, and what its nodes hold,
-so that a request no node can place fails at once instead of waiting forever."""
+"""The Ray cluster both jobs run on: joining or starting it, what its nodes hold (so
+that a request no node can place fails at once instead of waiting forever), and
+whether a folder the job keeps its state in is seen by every node."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -72,3 +74,83 @@ def describe(nodes: list[Node]) -> str:
     return f"{len(nodes)} node(s): " + ", ".join(
         f"{n.cpus} CPU" + (f" + {n.gpus} GPU" if n.gpus else "") for n in nodes
     )
+
+
+PROBE_TIMEOUT_S = 30  # a node that has not answered by then is left out of the warning
+
+
+def warn_if_not_shared(write: list[tuple[str, str]], read: list[tuple[str, str]] = (), warn=None) -> None:
+    """On a multi-node cluster, one line on stderr for each local path that some other
+    alive node cannot see. write: (flag, folder) pairs the job's workers write and that
+    must outlive any node (created here), each probed with a marker file this driver
+    writes there; read: (flag, folder) pairs the workers read, probed by their existence.
+    URIs are taken as shared. A zero-CPU task pinned to each other node looks; a node
+    that does not answer within PROBE_TIMEOUT_S is left out."""
+    import sys
+    import uuid
+
+    import ray
+
+    from fashion_vit.files import is_uri
+
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    here = ray.get_runtime_context().get_node_id()
+    others = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here}
+    write = [(flag, p) for flag, p in write if p and not is_uri(p)]
+    read = [(flag, p) for flag, p in read if p and not is_uri(p)]
+    if not others or not (write or read):
+        return
+    token = uuid.uuid4().hex
+    markers = []
+    for _, path in write:
+        os.makedirs(path, exist_ok=True)
+        markers.append(os.path.join(os.path.abspath(path), f".fashion-vit-shared-{token}"))
+        open(markers[-1], "w").close()
+    try:
+        missing = _not_seen(others, [*markers, *(os.path.abspath(p) for _, p in read)])
+    finally:
+        for marker in markers:
+            with contextlib.suppress(OSError):
+                os.remove(marker)
+    for line in unshared_warnings([*write, *read], missing, len(others) + 1):
+        warn(line)
+
+
+def unshared_warnings(given: list[tuple[str, str]], missing: list[list[str]], nodes: int) -> list[str]:
+    """One line per (flag, path) in `given` that some nodes cannot see: missing[i], the
+    addresses of the nodes that cannot see the i-th; nodes: the cluster's node count."""
+    return [
+        f"warning: {flag} {path} is on this node's disk only: {len(unseen)} of the cluster's {nodes} nodes "
+        f"cannot see it ({', '.join(sorted(set(unseen)))}); what is kept there is lost with this node, and the "
+        "others cannot use it (use a shared filesystem, or a URI)"
+        for (flag, path), unseen in zip(given, missing, strict=True)
+        if unseen
+    ]
+
+
+def _not_seen(nodes: dict[str, str], paths: list[str]) -> list[list[str]]:
+    """For each path, the addresses of the nodes (node id -> address) on which it does
+    not exist; a node that does not answer within PROBE_TIMEOUT_S is not counted."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    exists = ray.remote(num_cpus=0, max_retries=0)(_exist)
+    refs = {
+        exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(paths): address
+        for node, address in nodes.items()
+    }
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+    missing: list[list[str]] = [[] for _ in paths]
+    for ref in ready:
+        try:
+            seen = ray.get(ref)
+        except ray.exceptions.RayError:  # the node went away meanwhile
+            continue
+        for unseen, ok in zip(missing, seen, strict=True):
+            if not ok:
+                unseen.append(refs[ref])
+    return missing
+
+
+def _exist(paths: list[str]) -> list[bool]:
+    return [os.path.exists(p) for p in paths]

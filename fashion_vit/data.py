@@ -438,7 +438,14 @@ def to_ray_datasets(
     with one line: it is almost always a folder the worker's node cannot see.
     """
     import ray
+    from ray.data import TaskPoolStrategy
 
+    # The decoding tasks ask for no CPU, and at most as many run at once as the cluster
+    # has CPUs. A node lost mid-training takes the decoded blocks it held with it; Ray
+    # re-runs their tasks (lineage reconstruction) outside Ray Data's resource budget,
+    # and a task that asked for a CPU would wait behind the training workers, which hold
+    # every CPU while they wait for those very blocks (seen: a trial stuck for good).
+    decoders = TaskPoolStrategy(size=max(1, int(ray.cluster_resources().get("CPU", 1))))
     out, undecodable = {}, 0
     for name, idx in splits.items():
         part = frame.iloc[idx][["image", "label"]]
@@ -446,7 +453,9 @@ def to_ray_datasets(
         n_blocks = max(1, min(len(part) // 256, 64))
         chunks = [c for c in np.array_split(np.arange(len(part)), n_blocks) if len(c)]
         ds = ray.data.from_pandas([part.iloc[c].reset_index(drop=True) for c in chunks])
-        ds = ds.map_batches(decode_batch, fn_kwargs={"source_size": source_size}, batch_size=256)
+        ds = ds.map_batches(
+            decode_batch, fn_kwargs={"source_size": source_size}, batch_size=256, num_cpus=0, compute=decoders
+        )
         try:
             out[name] = ds.materialize()
         except Exception as e:

@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fashion_vit.cluster import cluster_nodes, describe, placeable, start_ray
+from fashion_vit.cluster import cluster_nodes, describe, placeable, start_ray, warn_if_not_shared
 from fashion_vit.config import ConfigError, FashionVitError, PredictConfig
 from fashion_vit.files import absolute, atomic_open, filesystem, is_image_name, parent, read_bytes, resolve, walk_files
 from fashion_vit.model import SavedModel, load_checkpoint
 from fashion_vit.outputs import Kept, columns, merge_shards, output_format
+from fashion_vit.preemption import Preempted, on_sigterm, raise_preempted
 from fashion_vit.progress import Progress
 from fashion_vit.tables import TableError, iter_table
 from fashion_vit.transforms import decode_images, preprocess
@@ -54,10 +55,14 @@ MANIFEST_ROWS = 50_000  # paths per manifest file while listing
 # that takes a whole CPU, and its file listing task takes another, neither of which can
 # be configured: with whole CPUs everywhere a 2-CPU machine would have none left and wait
 # forever (seen). So the light stages (manifest reads, shard writes) ask for a quarter,
-# and on CPU-only clusters the decode+predict actor asks for none: it sizes its torch
-# threads to the node itself, so the number is bookkeeping, not a limit.
+# and on CPU-only clusters the decode+predict actor asks for a sliver: it sizes its
+# torch threads to the node itself, so the number is bookkeeping, not a limit; but not
+# none, or Ray would place it (and restart it, when its node is lost) on a node whose
+# CPUs are all taken, such as the head under other work, as readily as on a free one.
+# (Scoring the test split after training keeps none: a trial's CPUs may not be given
+# back yet, see docs/cluster.md, two Ray instances.)
 LIGHT_CPUS = 0.25
-CPU_PREDICTOR_CPUS = 0
+CPU_PREDICTOR_CPUS = 0.01
 
 
 class PredictError(FashionVitError):
@@ -74,6 +79,7 @@ class PredictOutcome:
     done_before: int = 0  # files an interrupted run had finished (--resume)
     ignored_list: str | None = None  # where the ignored files are listed
     timings: dict = field(default_factory=dict)
+    redone: int = 0  # predictions made again: the batches a lost actor or node had in hand
 
     def summary(self) -> str:
         rate = (self.predicted + self.failed - self.done_before) / self.seconds if self.seconds else 0.0
@@ -90,6 +96,8 @@ class PredictOutcome:
             lines.append(
                 f"resumed: {self.done_before} files were done by the interrupted run, {self.predicted + self.failed - self.done_before} now"
             )
+        if self.redone:
+            lines.append(f"{self.redone} predictions were made again (work a lost actor or node had in hand)")
         lines.append(f"{rate:.1f} images/s over {self.seconds:.1f}s")
         return "\n".join(lines)
 
@@ -156,11 +164,26 @@ class Predictor:
 
 
 def run(cfg: PredictConfig, log=print) -> PredictOutcome:
-    """The whole `jobs/batch_predict.py`."""
+    """The whole `jobs/batch_predict.py`. SIGTERM stops it at once: every block whose
+    shard was written is already committed (Ray Data commits each as it writes it),
+    and Preempted says how many files are done and carries the flags that continue it."""
     t0 = time.perf_counter()
-    timings = {}
     saved = load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
     work = open_work(cfg)
+    try:
+        with on_sigterm(raise_preempted):
+            return _run(cfg, saved, work, t0, log)
+    except Preempted as e:
+        found = (work.listing() or {}).get("found")
+        if found is None:
+            done = f"the listing of the inputs was not finished ({work.root})"
+        else:
+            done = f"{work.committed_rows()} of {found} files done and committed in {work.root}"
+        raise Preempted(f"{e}: {done}", ["--resume"]) from None
+
+
+def _run(cfg: PredictConfig, saved: SavedModel, work: WorkDir, t0: float, log) -> PredictOutcome:
+    timings = {}
     listing = work.listing()
     if listing is None:
         t = time.perf_counter()
@@ -179,6 +202,11 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     t = time.perf_counter()
     start_ray(cfg.address)
     check_actors_fit(cfg.num_actors, cluster_nodes())
+    # The shards and Ray Data's checkpoint must outlive any one node, and every node reads the inputs.
+    warn_if_not_shared(
+        write=[("--work-dir" if cfg.work_dir else "--output", work.root)],
+        read=[("--input", path) for path in cfg.inputs] + [("--input-table", cfg.input_table or "")],
+    )
     timings["ray_start_s"] = time.perf_counter() - t
     done_before = work.committed_rows()
     if done_before:
@@ -217,6 +245,7 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
         done_before,
         ignored_list,
         timings,
+        redone=max(0, _predicted_rows(counter) - (written - done_before)),
     )
 
 
@@ -484,7 +513,9 @@ def predict_to_shards(work: WorkDir, saved: SavedModel, cfg: PredictConfig, coun
             # 1024 images/s); on GPUs whole-CPU tasks, kept apart from the GPU actors.
             num_cpus=1 if gpus else CPU_PREDICTOR_CPUS,
         )
-        ds = add_predictions(ds, saved, cfg.batch_size, cfg.top_k, cfg.threads, cfg.num_actors, progress=counter)
+        ds = add_predictions(
+            ds, saved, cfg.batch_size, cfg.top_k, cfg.threads, cfg.num_actors, counter, cpus=CPU_PREDICTOR_CPUS
+        )
         ds.write_parquet(os.path.abspath(work.path("shards")), ray_remote_args={"num_cpus": LIGHT_CPUS})
     finally:
         context.checkpoint_config = previous
@@ -504,9 +535,10 @@ def add_predictions(
     threads: int | None = None,
     num_actors: int | None = None,
     progress=None,
+    cpus: float = 0,
 ):
     """Map `Predictor` over a dataset with a decoded `image` column, on an actor pool:
-    one GPU per actor where the cluster has GPUs, CPU actors otherwise."""
+    one GPU per actor where the cluster has GPUs, CPU actors (asking for `cpus`) otherwise."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -514,7 +546,7 @@ def add_predictions(
     # No CPU reserved beside the GPU: its host-side work is a thread's worth, and with
     # Ray Data's default of one CPU per GPU actor, a node with as many GPUs as CPUs had
     # none left for decoding and waited forever (seen with 2 GPUs on 2 CPUs).
-    resources = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": CPU_PREDICTOR_CPUS}
+    resources = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": cpus}
     return ds.map_batches(
         Predictor,
         # One copy in the object store for all actors, not one pickled per actor.
@@ -553,6 +585,7 @@ def check_actors_fit(num_actors: int | None, nodes) -> None:
 def make_counter():
     """A tiny actor the predictors tell how many rows they finished."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class Counter:
@@ -565,7 +598,18 @@ def make_counter():
         def value(self) -> int:
             return self.n
 
-    return Counter.remote()
+    # On the driver's node: the count must outlive the loss of any other node.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Counter.options(scheduling_strategy=here).remote()
+
+
+def _predicted_rows(counter) -> int:
+    """Rows the predictors were called on, redone ones included (the actors tell the
+    counter without waiting, so the last batch may not have landed yet)."""
+    try:
+        return int(_ray_get(counter.value.remote()))
+    except Exception:  # a count that cannot be had says nothing was redone, and ends no job
+        return 0
 
 
 def _ray_get(ref):

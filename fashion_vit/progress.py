@@ -46,7 +46,8 @@ class Progress:
 
     def line(self, done: int, elapsed: float) -> str:
         """e.g. "predict: 59392/200192 files (29.7%), 1185 images/s, 1m59s left"."""
-        total_done = self.before + done
+        # Predictions made again (a lost actor's batches) count in `done` but not here.
+        total_done = min(self.before + done, self.total)
         share = total_done / self.total if self.total else 1.0
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (self.total - total_done) / rate if rate > 0 else None

@@ -55,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = math.ceil(train_rows / world / cfg.batch_size)
     optimizer = _adamw(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     scheduler = _warmup_linear(optimizer, cfg.warmup_ratio, cfg.epochs * steps_per_epoch)
-    start_epoch = restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
+    start_epoch, restored = restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
     model = ray.train.torch.prepare_model(model, move_to_device=device)
     autocast = _autocast(device, cfg.bf16)
     weights = class_weights(config["class_counts"], cfg.class_weights)
@@ -101,6 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch_seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
             "images_per_second": float(seen / train_seconds),
+            **(restored if epoch == start_epoch else {}),  # after a restore: what it cost (tune.restores)
         }
         save_and_report(
             metrics, report, epoch, model, optimizer, scheduler, prep, config["train_config"], rank, cfg.epochs
@@ -135,19 +136,26 @@ def worker_device() -> torch.device:
     return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
 
 
-def restore(checkpoint, model, optimizer, scheduler) -> int:
-    """Load a Train checkpoint's weights and optimizer/scheduler state into place; the
-    epoch to start from (0 without a checkpoint). A restarted worker group or a resumed
-    trial so continues where it stopped."""
+def restore(checkpoint, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Load a Train checkpoint's weights and optimizer/scheduler state into place.
+
+    Returns (the epoch to start from, 0 without a checkpoint; what the restore cost, {}
+    without one): a restarted worker group or a resumed trial so continues where it
+    stopped, and says from which epoch's checkpoint (`restored_from_epoch`) and how long
+    after that checkpoint was written it started again (`seconds_since_checkpoint`: the
+    lost part of the next epoch plus the time to notice and restart)."""
     if not checkpoint:
-        return 0
+        return 0, {}
     with checkpoint.as_directory() as d:
         saved = read_checkpoint(os.path.join(d, MODEL_FILE))
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     main_model(model).load_state_dict(saved.state_dict)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"] + 1
+    cost = {"restored_from_epoch": state["epoch"] + 1}
+    if "saved_at" in state:  # checkpoints written before it was recorded have none
+        cost["seconds_since_checkpoint"] = max(0.0, time.time() - state["saved_at"])
+    return state["epoch"] + 1, cost
 
 
 def save_and_report(
@@ -172,7 +180,12 @@ def save_and_report(
             save_checkpoint(
                 os.path.join(tmp, MODEL_FILE), main_model(model), prep, train_config, {"val": val_report, **metrics}
             )
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch}
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "saved_at": time.time(),  # wall clock: a restore on another node reports the time lost
+            }
             torch.save(state, os.path.join(tmp, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             print(

@@ -11,15 +11,17 @@ export and summarise (and, with --mlflow-uri, log the export to the best trial's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from fashion_vit.cluster import Node, cluster_nodes, describe, placeable, start_ray
+from fashion_vit.cluster import Node, cluster_nodes, describe, placeable, start_ray, warn_if_not_shared
 from fashion_vit.config import (
     HYPERPARAMETERS,
     METRIC,
@@ -44,6 +46,7 @@ from fashion_vit.evaluate import score_test_split
 from fashion_vit.files import absolute, atomic_open, is_uri, join, subfolders
 from fashion_vit.metrics import format_report
 from fashion_vit.model import ModelError, SavedModel, create_model, load_pretrained, read_checkpoint
+from fashion_vit.preemption import EXIT_PREEMPTED, Preempted, on_sigterm
 from fashion_vit.report import plot_learning_curves, plot_search, write_model_card
 from fashion_vit.train import MODEL_FILE, train_loop_per_worker
 from fashion_vit.transforms import Preprocessing
@@ -90,14 +93,29 @@ class Prepared:
 
 
 def run(cfg: TrainConfig, log=print) -> TuneOutcome:
-    """The whole `jobs/tune.py`: load and split data, tune, export the best model."""
-    timings = {}
+    """The whole `jobs/tune.py`: load and split data, tune, export the best model.
+
+    SIGTERM stops it as Ctrl+C stops Tune (`StopOnSigterm`): the experiment state is
+    saved, no model is exported, and Preempted carries the flags that continue it."""
     storage = absolute(cfg.storage or os.path.join(cfg.output_dir, "experiments"))
     if os.path.isdir(cfg.model):  # recorded in the checkpoint: say which folder, from anywhere
         cfg = replace(cfg, model=os.path.abspath(cfg.model))
     cfg = replace(cfg, name=resolve_experiment(cfg, storage))
     log(f"experiment {cfg.name} in {storage}" + (" (resuming)" if cfg.resume else ""))
+    stop = StopOnSigterm()
+    try:
+        with on_sigterm(stop):
+            return _run(cfg, storage, stop, log)
+    except Preempted as e:
+        from ray import tune
 
+        saved = tune.Tuner.can_restore(join(storage, cfg.name))
+        e.resume = ["--resume", "--name", cfg.name] if saved else ["--name", cfg.name]
+        raise
+
+
+def _run(cfg: TrainConfig, storage: str, stop: StopOnSigterm, log) -> TuneOutcome:
+    timings = {}
     t = time.perf_counter()
     prepared = prepare(cfg, log)
     timings["data_load_s"] = time.perf_counter() - t
@@ -110,6 +128,8 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
         mean_std = (prepared.prep.mean, prepared.prep.std)
         prepared = replace(prepared, **recipe_inputs(settled, prepared.data, prepared.splits, mean_std))
     cfg = settled
+    # Checkpoints and the experiment state must outlive any one node (docs/cluster.md).
+    warn_if_not_shared(write=[("--storage" if cfg.storage else "--output-dir", storage)])
     timings["ray_start_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -126,12 +146,23 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     # killed came back from --resume with no history (seen in a test). Results come once
     # an epoch, so saving after each costs nothing; a value you set still wins.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
-    results = build_tuner(cfg, prepared, datasets, storage).fit()
+    with stop.tuning():
+        results = build_tuner(cfg, prepared, datasets, storage).fit()
+    if stop.received or len(results) > results.num_terminated + results.num_errors:
+        # fit() returned on SIGTERM or Ctrl+C (Tune's own stop-and-save): trials are
+        # unfinished, and the best of what they reported so far is not the job's result.
+        how, code = ("SIGTERM", EXIT_PREEMPTED) if stop.received else ("Ctrl+C", 130)
+        raise Preempted(f"stopped by {how}: the experiment state is saved and no model was exported", exit_code=code)
     timings["tune_s"] = time.perf_counter() - t
     trials = summarise_trials(results)
     if cfg.search == "optuna":
         _add_searcher_notes(trials, join(storage, cfg.name), log)
+    return export_best(cfg, prepared, undecodable, trials, test_ds, join(storage, cfg.name), timings, log)
 
+
+def export_best(cfg, prepared: Prepared, undecodable: int, trials, test_ds, experiment: str, timings, log):
+    """Score the best checkpoint over all trials on the test split, save it as
+    vit_model.pth, and write summary.json and the reports beside it."""
     t = time.perf_counter()
     best_trial, best_row, saved = pick_best(trials, _read_remote_checkpoint)
     saved.metrics["test"] = score_test_split(saved, test_ds)
@@ -153,13 +184,40 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
 
         best["mlflow_run_id"] = trial_run_id(cfg.mlflow_uri, cfg.mlflow_experiment, cfg.name, best["trial_id"])
     space = describe_space(search_space(cfg)) if cfg.search != "none" else {}
-    summary_path = write_summary(
-        cfg, prepared, undecodable, saved, best, trials, timings, join(storage, cfg.name), space
-    )
+    summary_path = write_summary(cfg, prepared, undecodable, saved, best, trials, timings, experiment, space)
     if cfg.mlflow_uri:
         log_to_mlflow(cfg, best, model_path, log)
     log(format_report(best["test"]))
     return TuneOutcome(model_path=model_path, summary_path=summary_path, best=best, trials=trials, timings=timings)
+
+
+class StopOnSigterm:
+    """The tune job's SIGTERM handler. While Tune runs (`tuning()`), the first SIGTERM
+    does what Ctrl+C does to Tune: Tune saves the experiment state one last time and
+    fit() returns, with `received` set. At any other time, or a second time, it raises
+    Preempted at once."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._tuning = False
+
+    @contextlib.contextmanager
+    def tuning(self):
+        self._tuning = True
+        try:
+            yield
+        finally:
+            self._tuning = False
+
+    def __call__(self, signum, frame) -> None:
+        first, self.received = not self.received, True
+        # Tune installs its stop-and-save handler for SIGINT while fit() runs (unless
+        # TUNE_DISABLE_SIGINT_HANDLER is set, which leaves Python's default).
+        tune_stop = signal.getsignal(signal.SIGINT)
+        if first and self._tuning and callable(tune_stop) and tune_stop is not signal.default_int_handler:
+            tune_stop(signal.SIGINT, frame)
+            return
+        raise Preempted("stopped by SIGTERM")
 
 
 # --- experiment naming -------------------------------------------------------------
@@ -390,8 +448,7 @@ def build_tuner(cfg: TrainConfig, prepared: Prepared, datasets: dict, storage: s
     trainable = tune.with_parameters(
         train_driver_fn, setup=trial_setup(cfg, prepared, datasets, storage), datasets=datasets
     )
-    # The trial function only waits on its TorchTrainer; its workers hold the CPUs/GPUs.
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 256 * 1024**2})
+    trainable = tune.with_resources(trainable, trial_resources())
     searching = cfg.search != "none"
     param_space = search_space(cfg) if searching else baseline(cfg)
     if cfg.resume:
@@ -418,6 +475,22 @@ def build_tuner(cfg: TrainConfig, prepared: Prepared, datasets: dict, storage: s
         param_space=param_space,
         tune_config=tune_config,
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage, verbose=1, callbacks=tracking_callbacks(cfg)),
+    )
+
+
+def trial_resources():
+    """What a trial's own process asks for: no CPU (it only waits on its TorchTrainer,
+    whose workers hold the CPUs/GPUs), on the driver's node. Ray Train attaches its
+    controller to the node of the process that calls fit(), so the trial function,
+    the controller and the driver then share a node, and losing any other node costs
+    only workers, which Train restarts from the last checkpoint. A trial function on
+    the lost node would have ended its trial."""
+    import ray
+    from ray import tune
+
+    here = ray.get_runtime_context().get_node_id()
+    return tune.PlacementGroupFactory(
+        [{"CPU": 0, "memory": 256 * 1024**2}], bundle_label_selector=[{"ray.io/node-id": here}]
     )
 
 
@@ -548,6 +621,7 @@ def _trial_summary(result, number: int) -> dict:
         "epoch_seconds",
         "images_per_second",
         CHECKPOINT_PATH,
+        *RESTORE_KEYS,
     ]
     history = [] if df is None or df.empty else df[[c for c in keep if c in df.columns]].to_dict("records")
     history = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))} for row in history]
@@ -559,8 +633,33 @@ def _trial_summary(result, number: int) -> dict:
         "epochs_run": len(history),
         "best_" + METRIC: max((r[METRIC] for r in history), default=None),
         "error": root_error(str(result.error)) if result.error else None,
+        **restores(history),
         "history": history,
     }
+
+
+# What train.restore adds to the first epoch after its workers started again from a checkpoint.
+RESTORE_KEYS = ("restored_from_epoch", "seconds_since_checkpoint")
+
+
+def restores(history: list[dict]) -> dict:
+    """What the trial lost to failures (a lost worker or node) and interruptions
+    (--resume), from its epoch rows (taking train.restore's keys out of them):
+    restores, one {"from_checkpoint_of_epoch", "seconds_since_checkpoint"} per
+    time its workers started again from a checkpoint; and epochs_redone, the epochs
+    begun again from their start, one per restore (the epoch in progress when the
+    workers stopped; how far into it they were is in seconds_since_checkpoint, with the
+    time it took to notice and restart)."""
+    found = []
+    for row in history:
+        if "restored_from_epoch" in row:
+            found.append(
+                {
+                    "from_checkpoint_of_epoch": int(row.pop("restored_from_epoch")),
+                    "seconds_since_checkpoint": row.pop("seconds_since_checkpoint", None),
+                }
+            )
+    return {"restores": found, "epochs_redone": len(found)}
 
 
 def _add_searcher_notes(trials: list[dict], experiment: str, log=print) -> None:

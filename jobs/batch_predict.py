@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     def job():
         print(predict.run(parse_args(argv).validate()).summary())
 
-    return run_job("batch_predict.py", job)
+    return run_job("batch_predict.py", job, argv, __file__)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         outcome = tune.run(parse_args(argv).validate())
         print(outcome.summary())
 
-    return run_job("tune.py", job)
+    return run_job("tune.py", job, argv, __file__)
 
 
 if __name__ == "__main__":

@@ -5,126 +5,40 @@ Both nodes have CPUs (2 each), so the cluster has 4 CPUs in all but no node has 
 than 2: default sizing must fit a node, not the total. The cluster brings its own
 token (RAY_AUTH_TOKEN, for both nodes and every client) and its own home folder, so
 it neither needs nor writes ~/.ray/auth_token. Only the processes this test started
-are ended (by process group and by the cluster's private temp dirs); `ray stop` would
-end every Ray process on the machine.
+are ended (tests/loopback.py); `ray stop` would end every Ray process on the machine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
-import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, TINY_ARGS
+from tests.loopback import RAY, LoopbackCluster
 
 pytestmark = pytest.mark.slow
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_leftovers(marker: str) -> None:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-
-
-def _start(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _ray(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    # Short (Ray's socket paths must stay under 107 bytes), and one per node: two nodes on
-    # one host sharing a temp dir would garbage-collect each other's working_dir packages.
-    temp = Path(f"/tmp/fv-ray-{os.getpid()}")
-    home = tmp_path_factory.mktemp("cluster-home")
-    port, dashboard = free_port(), free_port()
-    # What docs/cluster.md tells a user to do for a fresh head node: switch token auth on and
-    # hand every node and client the same token.
-    env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    env.pop("RAY_ADDRESS", None)
-    address = f"http://127.0.0.1:{dashboard}"
-    nodes = []
+    c = LoopbackCluster(tmp_path_factory.mktemp("cluster-home"))
     try:
-        nodes.append(
-            _start(
-                ["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                 f"--dashboard-port={dashboard}", f"--temp-dir={temp}"],
-                env,
-            )
-        )  # fmt: skip
-        _wait_for(lambda: _ray(env, "job", "list", "--address", address).returncode == 0, 120)
-        nodes.append(
-            _start(
-                [
-                    f"--address=127.0.0.1:{port}",
-                    "--num-cpus=2",
-                    '--resources={"second_node": 1}',
-                    f"--temp-dir={temp}-node2",
-                ],
-                env,
-            )
-        )
-        _wait_for(lambda: "second_node" in _ray(env, "status", f"--address=127.0.0.1:{port}").stdout, 120)
-        # The dashboard answers before its job agent can take jobs ("No available agent").
-        _wait_for(lambda: _ray(env, "job", "submit", "--address", address, "--", "true").returncode == 0, 120)
-        yield {"address": address, "env": env, "home": home}
+        c.start_head(cpus=2)
+        c.add_node("second", cpus=2)
+        yield c
     finally:
-        for node in reversed(nodes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.pid, signal.SIGTERM)
-        for node in nodes:
-            try:
-                node.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
-        _kill_leftovers(str(temp))  # also matches the second node's f"{temp}-node2"
-
-
-def _wait_for(condition, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "the cluster did not come up"
-        time.sleep(2)
+        c.stop()
 
 
 def submit(cluster, *entrypoint: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", str(ROOT), "--", *entrypoint],
+        [RAY, "job", "submit", "--address", cluster.address, "--working-dir", str(ROOT), "--", *entrypoint],
         cwd=ROOT,
-        env=cluster["env"],
+        env=cluster.env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -132,8 +46,10 @@ def submit(cluster, *entrypoint: str, timeout: int = 900) -> subprocess.Complete
 
 
 def test_a_client_without_the_token_is_refused(cluster):
-    env = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_TOKEN"}
-    proc = _ray(env, "job", "list", "--address", cluster["address"])
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN"}
+    proc = subprocess.run(
+        [RAY, "job", "list", "--address", cluster.address], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and "authentication token" in proc.stderr.lower(), proc.stderr[-2000:]
 
 
@@ -158,7 +74,7 @@ def test_both_jobs_with_default_flags_on_nodes_that_each_have_cpus(cluster, samp
         rows = list(csv.DictReader(f))
     assert len(rows) == len(samples["holdout_rows"]) and all(r["predicted_category"] for r in rows)
     # The token came from the environment: nothing was written to the home folder.
-    assert not (cluster["home"] / ".ray" / "auth_token").exists()
+    assert not (cluster.home / ".ray" / "auth_token").exists()
 
 
 @pytest.mark.parametrize(
