@@ -12,6 +12,10 @@ scratch checkpoint instead, which makes the agreement columns meaningful):
 Engines: torch (eager), compile (torch.compile), onnx (ONNX Runtime, fp32) and int8 (the
 same runtime on the model quantised by jobs/export.py --quantize int8).
 
+On a GPU (bench/gpu.sh's machine) the forward rates run there: eager bf16 is the
+reference, compile under the same autocast, onnx on ONNX Runtime's CUDA provider (fp32;
+needs onnxruntime-gpu), no int8; e.g. `--no-job --base-batch-size 256`.
+
 Forward rate: the engine alone over batches already decoded and preprocessed, best of
 --repeats passes, after a warm-up batch (setup s: building the engine and that first
 batch, so torch.compile's compilation is in it). Agreement: the share of images whose
@@ -82,22 +86,29 @@ def batches(paths: list[str], prep: Preprocessing, batch_size: int) -> list[torc
 
 
 def forward_rates(saved: SavedModel, onnx_path: Path, int8_path: Path, xs: list[torch.Tensor], repeats: int) -> dict:
-    """Per engine: rate (img/s), setup_s, agreement and max_prob_diff against torch."""
-    cpu, threads = torch.device("cpu"), os.cpu_count() or 1
+    """Per engine: rate (img/s), setup_s, agreement and max_prob_diff against torch. On a
+    GPU the reference is the eager bf16 forward, compile runs under the same autocast,
+    onnx on ONNX Runtime's CUDA provider in fp32, and int8 (CPU kernels only) is left out."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads, gpu = os.cpu_count() or 1, device.type == "cuda"
     torch.set_num_threads(threads)
+    xs = [x.to(device) for x in xs]
     sources = {"torch": saved, "compile": saved, "onnx": onnx_path.read_bytes(), "int8": int8_path.read_bytes()}
     n = sum(len(x) for x in xs)
+    sync = torch.cuda.synchronize if gpu else lambda: None
     results, reference = {}, None
     with torch.inference_mode():
-        for engine in ENGINES:
+        for engine in ENGINES[:3] if gpu else ENGINES:
             t = time.perf_counter()
-            forward = create_forward(sources[engine], "onnx" if engine == "int8" else engine, cpu, threads)
+            forward = create_forward(sources[engine], "onnx" if engine == "int8" else engine, device, threads, gpu)
             forward(xs[0])
+            sync()
             setup = time.perf_counter() - t
             best = 0.0
             for _ in range(repeats):
                 t = time.perf_counter()
                 probs = torch.cat([forward(x).float().softmax(1) for x in xs])
+                sync()
                 best = max(best, n / (time.perf_counter() - t))
             reference = probs if reference is None else reference
             results[engine] = {
@@ -157,7 +168,7 @@ def bench_model(args, name, vit, size, source, n_images, batch_size, paths, tree
     rates = forward_rates(saved, onnx_path, int8_path, xs, args.repeats)
     models = {"torch": pth, "compile": pth, "onnx": onnx_path, "int8": int8_path}
     rows = []
-    for engine in ENGINES:
+    for engine in rates:
         row = {"model": f"{name} (ViT-{vit} {size}px)", "engine": engine, **rates[engine]}
         row["x_eager"] = row["rate"] / rates["torch"]["rate"]
         row["export_s"] = {"onnx": export_s, "int8": export_s + int8_s}.get(engine)

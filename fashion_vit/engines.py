@@ -125,6 +125,7 @@ def to_onnx(saved: SavedModel):
             external_data=False,
             verbose=False,
         )
+    assert program is not None  # with no file to write, the exporter returns the program
     return program.model_proto
 
 

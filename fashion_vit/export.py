@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import tempfile
@@ -50,7 +51,7 @@ class OnnxModel:
     data: bytes  # the serialised ONNX model
     labels: list[str]  # class index -> label
     preprocessing: Preprocessing
-    metadata: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)  # its metadata_props (JSON strings where not text)
 
 
 @dataclass
@@ -134,12 +135,17 @@ def metadata(saved: SavedModel, source: str) -> dict:
     }
 
 
+def as_props(meta: dict) -> dict[str, str]:
+    """metadata_props values: strings as they are, anything else as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
 def with_metadata(proto, meta: dict) -> bytes:
     """An onnx.ModelProto with `meta` as its metadata_props, serialised."""
     del proto.metadata_props[:]
-    for key, value in meta.items():
+    for key, value in as_props(meta).items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
+        entry.key, entry.value = key, value
     return proto.SerializeToString()
 
 
@@ -155,18 +161,17 @@ def read_onnx(path: str) -> OnnxModel:
         raise ModelError(f"could not read {path!r} ({e.strerror or type(e).__name__})") from None
     except Exception:
         raise ModelError(f"{path!r} is not an ONNX model") from None
-    raw = {p.key: p.value for p in proto.metadata_props}
-    if raw.get("format") != FORMAT:
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("format") != FORMAT:
         raise ModelError(f"{path!r} is not an ONNX model written by jobs/export.py (no {FORMAT!r} format tag)")
-    meta = {k: v if k in ("format", "input", "output", "resize", "quantization", "source", "recipe") else json.loads(v)
-            for k, v in raw.items()}  # fmt: skip
-    return OnnxModel(data=data, labels=meta["labels"], preprocessing=Preprocessing.from_dict(meta), metadata=meta)
+    prep = Preprocessing.from_dict({k: json.loads(meta[k]) for k in ("image_size", "source_size", "mean", "std")})
+    return OnnxModel(data=data, labels=json.loads(meta["labels"]), preprocessing=prep, metadata=meta)
 
 
 def to_onnx_model(saved: SavedModel, source: str = "") -> OnnxModel:
     """A SavedModel exported in memory, unchecked (the batch job's --engine onnx with a .pth)."""
     meta = metadata(saved, source)
-    return OnnxModel(with_metadata(to_onnx(saved), meta), saved.labels, saved.preprocessing, meta)
+    return OnnxModel(with_metadata(to_onnx(saved), meta), saved.labels, saved.preprocessing, as_props(meta))
 
 
 # --- the check ------------------------------------------------------------------------
@@ -247,7 +252,14 @@ def quantize_int8(data: bytes):
         src, dst = os.path.join(tmp, "fp32.onnx"), os.path.join(tmp, "int8.onnx")
         with open(src, "wb") as f:
             f.write(data)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+        root = logging.getLogger()
+        level = root.level
+        # It logs advice to run its shape-inference pre-pass first, on the root logger.
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            root.setLevel(level)
         return onnx.load(dst)
 
 

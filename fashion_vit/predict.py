@@ -167,6 +167,7 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     """The whole `jobs/batch_predict.py`."""
     t0 = time.perf_counter()
     timings = {}
+    assert cfg.engine is not None, "PredictConfig.validate() settles the engine"
     saved = load_model(cfg.model)  # fail fast, before Ray starts, on a bad model file
     work = open_work(cfg)
     if cfg.engine == "onnx" and isinstance(saved, SavedModel):
@@ -197,7 +198,7 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     counter = make_counter()
     count = lambda: _ray_get(counter.value.remote())
     with Progress(count, listing["found"], before=done_before, quiet=cfg.quiet) as progress:
-        predict_to_shards(work, saved, cfg, counter)
+        predict_to_shards(work, saved, cfg, counter, cfg.engine)
     timings["predict_s"] = time.perf_counter() - t
     if progress.first_done_at is not None:
         timings["first_prediction_s"] = t - t0 + progress.first_done_at  # from the job's start
@@ -413,7 +414,7 @@ def read_and_decode(batch: dict, source_size: tuple[int, int]) -> dict:
     return {"path": paths, "image": images, "error": errors}
 
 
-def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: PredictConfig, counter) -> None:
+def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: PredictConfig, counter, engine: str) -> None:
     """manifest -> decode -> Predictor -> shards/, with Ray Data's job-level checkpoint
     keyed on the path: on a rerun, paths whose shard was committed are filtered out
     right after the read, and a shard whose commit was cut short is deleted and redone."""
@@ -443,7 +444,7 @@ def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: Predict
             num_cpus=1 if gpus else CPU_PREDICTOR_CPUS,
         )
         ds = add_predictions(
-            ds, saved, cfg.batch_size, cfg.top_k, cfg.threads, cfg.num_actors, progress=counter, engine=cfg.engine
+            ds, saved, cfg.batch_size, cfg.top_k, cfg.threads, cfg.num_actors, progress=counter, engine=engine
         )
         ds.write_parquet(os.path.abspath(work.path("shards")), ray_remote_args={"num_cpus": LIGHT_CPUS})
     finally:

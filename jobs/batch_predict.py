@@ -1,6 +1,8 @@
 """Label image folders with a trained model, using Ray Data.
 
     python jobs/batch_predict.py --input photos/ [--input more/] [--model results/vit_model.pth]
+    python jobs/batch_predict.py --input photos/ --model results/model.onnx   # ONNX Runtime (jobs/export.py)
+    python jobs/batch_predict.py --input photos/ --engine compile             # torch.compile
 
 Writes one CSV (path, predicted_category, confidence, error[, label_i, prob_i]) sorted
 by path; files that cannot be decoded get a row with the reason in `error`.
