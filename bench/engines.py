@@ -121,10 +121,10 @@ def forward_rates(saved: SavedModel, onnx_path: Path, int8_path: Path, xs: list[
     return results
 
 
-def run_job(folder: Path, model: Path, engine: str, out: Path, batch_size: int) -> dict:
+def run_job(folder: Path, model: Path, engine: str, out: Path, batch_size: int, extra: list[str]) -> dict:
     """jobs/batch_predict.py in its own process, as bench/predict_throughput.py runs it."""
     argv = ["--input", str(folder), "--model", str(model), "--output", str(out), "--batch-size", str(batch_size)]
-    argv += ["--engine", engine, "--quiet"]
+    argv += ["--engine", engine, "--quiet", *extra]
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", JOB_WRAPPER, str(ROOT), *argv], cwd=ROOT, capture_output=True,
                           text=True, check=False)  # fmt: skip
@@ -167,6 +167,7 @@ def bench_model(args, name, vit, size, source, n_images, batch_size, paths, tree
     xs = batches(paths[:n_images], saved.preprocessing, batch_size)
     rates = forward_rates(saved, onnx_path, int8_path, xs, args.repeats)
     models = {"torch": pth, "compile": pth, "onnx": onnx_path, "int8": int8_path}
+    out = args.work / "engines-pred.csv"
     rows = []
     for engine in rates:
         row = {"model": f"{name} (ViT-{vit} {size}px)", "engine": engine, **rates[engine]}
@@ -174,11 +175,11 @@ def bench_model(args, name, vit, size, source, n_images, batch_size, paths, tree
         row["export_s"] = {"onnx": export_s, "int8": export_s + int8_s}.get(engine)
         if tree is not None and not args.no_job:
             engine_flag = "onnx" if engine == "int8" else engine
-            row["job"] = run_job(tree, models[engine], engine_flag, args.work / "engines-pred.csv", args.batch_size)
+            row["job"] = run_job(tree, models[engine], engine_flag, out, args.batch_size, args.job_args.split())
             print(f"  job {engine}: {json.dumps(row['job'])}", flush=True)
         rows.append(row)
     if tree is not None and not args.no_job:
-        job = run_job(tree, pth, "onnx", args.work / "engines-pred.csv", args.batch_size)
+        job = run_job(tree, pth, "onnx", out, args.batch_size, args.job_args.split())
         print(f"  job onnx from .pth: {json.dumps(job)}", flush=True)
         rows.append({**rows[2], "engine": "onnx, from .pth", "job": job, "export_s": None})
         for r in rows:
@@ -197,6 +198,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="forward passes over the images per engine; best kept")
     p.add_argument("--model", type=Path, help="a trained scratch vit_model.pth instead of random weights")
     p.add_argument("--no-job", action="store_true", help="forward rates only")
+    p.add_argument(
+        "--job-args",
+        default="",
+        help="more flags for every job, given with '=': --job-args='--num-actors 2 --threads 1'",
+    )
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out")
     args = p.parse_args()
 
@@ -207,7 +213,8 @@ def main() -> None:
         rows += bench_model(args, "base", "base", 224, (80, 60), args.base_images, args.base_batch_size, paths, None)
 
     device = f"{os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-    print(f"\nmachine: {device}, torch {torch.__version__}; job over {args.tree:,} files, batch {args.batch_size}\n")
+    print(f"\nmachine: {device}, torch {torch.__version__}; job over {args.tree:,} files, batch {args.batch_size}"
+          f"{', ' + args.job_args if args.job_args else ''}\n")  # fmt: skip
     print(table(rows))
     summarise(rows)
 
