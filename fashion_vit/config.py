@@ -33,6 +33,10 @@ AUGMENTS = ("flip", "crop")
 CLASS_WEIGHTS = ("none", "sqrt", "balanced")
 SAMPLINGS = ("none", "sqrt", "balanced")
 SPLITS = ("test", "val", "train", "all")
+# How a model is run (engines.py): eager PyTorch, torch.compile, or ONNX Runtime.
+ENGINES = ("torch", "compile", "onnx")
+QUANTIZATIONS = ("int8",)
+ONNX_EXTRA = "pip install -e '.[onnx]'"
 # The metric that picks epochs, trials and the exported model: one name everywhere.
 METRIC = "val_accuracy"
 
@@ -522,7 +526,17 @@ class PredictConfig:
         metavar="COL,COL",
         default_factory=list,
     )
-    model: str = option("results/vit_model.pth", "vit_model.pth from jobs/tune.py, or a Hugging Face model folder")
+    model: str = option(
+        "results/vit_model.pth",
+        "vit_model.pth from jobs/tune.py, a Hugging Face model folder, or a model.onnx from jobs/export.py "
+        "(with --engine onnx)",
+    )
+    engine: str | None = option(
+        None,
+        "what runs the model: torch (eager PyTorch), compile (torch.compile, compiled at each actor's start) or "
+        f"onnx (ONNX Runtime; needs {ONNX_EXTRA}); default: onnx for a .onnx model, else torch. See docs/engines.md",
+        choices=ENGINES,
+    )
     output: str = option(
         "results/predictions.csv",
         "file to write when complete, .csv or .parquet (a name ending in / writes a folder of Parquet parts): the "
@@ -564,6 +578,7 @@ class PredictConfig:
             _positive("--threads", self.threads)
         if not is_uri(self.model) and not os.path.exists(self.model):
             raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        settle_engine(self)
         parts = self.output.endswith(("/", os.sep))
         if os.path.isdir(self.output) and not parts:
             raise ConfigError(
@@ -645,7 +660,16 @@ SERVE_BATCH_WAIT_MS = 2.0
 
 @dataclass
 class ServeConfig:
-    model: str = option("results/vit_model.pth", "vit_model.pth from jobs/tune.py, or a Hugging Face model folder")
+    model: str = option(
+        "results/vit_model.pth",
+        "vit_model.pth from jobs/tune.py, a Hugging Face model folder, or a model.onnx from jobs/export.py",
+    )
+    engine: str | None = option(
+        None,
+        "what runs the model in each replica: torch, compile or onnx, as for jobs/batch_predict.py; default: onnx "
+        "for a .onnx model, else torch. See docs/engines.md",
+        choices=ENGINES,
+    )
     host: str = option(
         "127.0.0.1",
         "address to listen on; 0.0.0.0 exposes the endpoint to the network, which has no authentication of its own "
@@ -695,6 +719,7 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         if not is_uri(self.model) and not os.path.exists(self.model):
             raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        settle_engine(self)
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")
         if self.num_replicas is not None and self.max_replicas is not None:
@@ -719,6 +744,59 @@ class ServeConfig:
         if not self.max_image_mb > 0 or not self.max_image_mpx > 0:
             raise ConfigError("--max-image-mb and --max-image-mpx must be positive")
         return self
+
+
+@dataclass
+class ExportConfig:
+    model: str = option("results/vit_model.pth", "vit_model.pth to export (or a Hugging Face model folder)")
+    output: str = option("results/model.onnx", "the ONNX file to write; its metadata as JSON goes beside it (.json)")
+    images: str | None = option(
+        None,
+        "folder of real images the export is checked on against PyTorch (default: the images of the data the "
+        "checkpoint was trained on, when that folder is readable)",
+    )
+    check_images: int = option(256, "images the check runs", type=positive_int)
+    quantize: str | None = option(
+        None,
+        "also write <output stem>.int8.onnx, dynamically quantised by ONNX Runtime (int8 weights, activations "
+        "quantised per batch), checked the same way with a looser agreement",
+        choices=QUANTIZATIONS,
+    )
+
+    def validate(self) -> ExportConfig:
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            _installed(module, "jobs/export.py", ONNX_EXTRA)
+        if not os.path.exists(self.model):
+            raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        if not is_onnx(self.output):
+            raise ConfigError(f"--output {self.output!r} must end in .onnx")
+        if os.path.isdir(self.output):
+            raise ConfigError(f"--output {self.output!r} is a folder")
+        if self.images is not None and not os.path.isdir(self.images):
+            raise ConfigError(f"--images {self.images!r} is not a folder")
+        _positive("--check-images", self.check_images)
+        if self.quantize is not None:
+            _one_of(self, "quantize")
+        return self
+
+
+def settle_engine(cfg) -> None:
+    """cfg.engine (of a PredictConfig or ServeConfig) chosen when not given, and usable
+    with cfg.model."""
+    if cfg.engine is None:
+        # Measured (docs/engines.md): on a vit_model.pth, compile and onnx pay their
+        # compilation or export at every start, which only a long run wins back; an
+        # exported model.onnx has paid it once.
+        cfg.engine = "onnx" if is_onnx(cfg.model) else "torch"
+    _one_of(cfg, "engine")
+    if cfg.engine == "onnx":
+        _installed("onnxruntime", "--engine onnx", ONNX_EXTRA)
+    if is_onnx(cfg.model) and cfg.engine != "onnx":
+        raise ConfigError(f"--model {cfg.model!r} is an ONNX model: run it with --engine onnx")
+
+
+def is_onnx(path: str) -> bool:
+    return path.lower().endswith(".onnx")
 
 
 def check_source(

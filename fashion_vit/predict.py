@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 from fashion_vit.cluster import cluster_nodes, describe, placeable, start_ray, warn_if_not_shared
-from fashion_vit.config import ConfigError, FashionVitError, PredictConfig
+from fashion_vit.config import ConfigError, FashionVitError, PredictConfig, is_onnx
+from fashion_vit.engines import create_forward
+from fashion_vit.export import OnnxModel, read_onnx, to_onnx_model
 from fashion_vit.files import absolute, atomic_open, filesystem, is_image_name, parent, read_bytes, resolve, walk_files
 from fashion_vit.model import SavedModel, load_checkpoint
 from fashion_vit.outputs import Kept, columns, merge_shards, output_format
@@ -110,23 +112,34 @@ class Predictor:
     top_k, label_i / prob_i. Rows with an error get an empty prediction.
     """
 
-    def __init__(self, model, top_k: int = 0, threads: int | None = None, bf16: bool = True, progress=None):
-        """model: a SavedModel, a path load_checkpoint takes, or a Ray ObjectRef of a
-        SavedModel (the driver puts it in the object store once for all actors).
+    def __init__(
+        self,
+        model,
+        top_k: int = 0,
+        threads: int | None = None,
+        bf16: bool = True,
+        progress=None,
+        engine: str = "torch",
+    ):
+        """model: a SavedModel or an exported OnnxModel, a path load_model takes, or a Ray
+        ObjectRef of either (the driver puts it in the object store once for all actors).
+        engine: torch, compile or onnx (engines.py); an OnnxModel runs only with onnx.
         progress: a Counter actor told how many rows each call finished, or None."""
         if isinstance(model, str):
-            model = load_checkpoint(model)
-        elif not isinstance(model, SavedModel):
+            model = load_model(model)
+        elif not isinstance(model, SavedModel | OnnxModel):
             import ray
 
             model = ray.get(model)
-        self.model, self.prep = model.build()
+        self.prep = model.preprocessing
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             # Ray pins actors to 1 thread (OMP_NUM_THREADS); a CPU predictor wants the node.
             torch.set_num_threads(threads or os.cpu_count() or 1)
-        self.model.to(self.device)
         self.bf16 = bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        source = model.data if isinstance(model, OnnxModel) else model
+        self.forward = create_forward(source, engine, self.device, threads or os.cpu_count(), self.bf16)
+        self.engine = engine
         self.labels = np.array(model.labels, dtype=object)
         self.top_k = min(top_k, len(self.labels))
         self.progress = progress
@@ -143,9 +156,7 @@ class Predictor:
         top_probs = np.full((n, self.top_k), np.nan)
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                logits = self.model(pixel_values=preprocess(x, self.prep)).logits
-            probs = logits.float().softmax(dim=1)
+            probs = self.forward(preprocess(x, self.prep)).float().softmax(dim=1)
             k = max(1, self.top_k)
             p, idx = probs.topk(k, dim=1)
             p, idx = p.cpu().numpy(), idx.cpu().numpy()
@@ -163,12 +174,19 @@ class Predictor:
         return batch
 
 
+def load_model(path: str) -> SavedModel | OnnxModel:
+    """A model.onnx from jobs/export.py, else what load_checkpoint takes (vit_model.pth,
+    a Hugging Face folder)."""
+    return read_onnx(path) if is_onnx(path) else load_checkpoint(path)
+
+
 def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     """The whole `jobs/batch_predict.py`. SIGTERM stops it at once: every block whose
     shard was written is already committed (Ray Data commits each as it writes it),
     and Preempted says how many files are done and carries the flags that continue it."""
     t0 = time.perf_counter()
-    saved = load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
+    assert cfg.engine is not None, "PredictConfig.validate() settles the engine"
+    saved = load_model(cfg.model)  # fail fast, before Ray starts, on a bad model file
     work = open_work(cfg)
     try:
         with on_sigterm(raise_preempted):
@@ -182,8 +200,13 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
         raise Preempted(f"{e}: {done}", ["--resume"]) from None
 
 
-def _run(cfg: PredictConfig, saved: SavedModel, work: WorkDir, t0: float, log) -> PredictOutcome:
+def _run(cfg: PredictConfig, saved: SavedModel | OnnxModel, work: WorkDir, t0: float, log) -> PredictOutcome:
     timings = {}
+    if cfg.engine == "onnx" and isinstance(saved, SavedModel):
+        t = time.perf_counter()
+        log("exporting the model to ONNX in memory (jobs/export.py writes it once, for every run) ...")
+        saved = to_onnx_model(saved, cfg.model)
+        timings["export_s"] = time.perf_counter() - t
     listing = work.listing()
     if listing is None:
         t = time.perf_counter()
@@ -216,7 +239,7 @@ def _run(cfg: PredictConfig, saved: SavedModel, work: WorkDir, t0: float, log) -
     counter = make_counter()
     count = lambda: _ray_get(counter.value.remote())
     with Progress(count, listing["found"], before=done_before, quiet=cfg.quiet) as progress:
-        predict_to_shards(work, saved, cfg, counter)
+        predict_to_shards(work, saved, cfg, counter, cfg.engine)
     timings["predict_s"] = time.perf_counter() - t
     if progress.first_done_at is not None:
         timings["first_prediction_s"] = t - t0 + progress.first_done_at  # from the job's start
@@ -312,8 +335,8 @@ JOB_VERSION = 2  # 2: the manifest is keyed by _key, and a job may have an input
 
 def open_work(cfg: PredictConfig) -> WorkDir:
     """The run's work folder: a new one, or with --resume the interrupted run's, which
-    must be the same job (inputs, table and its columns, model, output columns). An
-    existing one without --resume is refused: a partial run is never mixed in silently."""
+    must be the same job (inputs, table and its columns, model, engine, output columns).
+    An existing one without --resume is refused: a partial run is never mixed in silently."""
     work = WorkDir(cfg.work_dir or cfg.output.rstrip("/" + os.sep) + ".partial")
     job = {
         "version": JOB_VERSION,
@@ -323,6 +346,7 @@ def open_work(cfg: PredictConfig) -> WorkDir:
         "model_size": _size(cfg.model),
         "top_k": cfg.top_k,
         "output_format": output_format(cfg.output),
+        "engine": cfg.engine,
     }
     if os.path.exists(work.path("job.json")):
         with open(work.path("job.json")) as f:
@@ -332,6 +356,15 @@ def open_work(cfg: PredictConfig) -> WorkDir:
             raise ConfigError(
                 f"{work.root} holds an unfinished run for --output {cfg.output!r} ({done} files done): "
                 "pass --resume to continue it, or delete that folder to start over"
+            )
+        previous.setdefault("engine", "torch")  # the only engine before it was recorded
+        if previous["engine"] != cfg.engine:
+            # No two engines give bit-identical probabilities, so a mixed output would
+            # depend on where the interruption fell.
+            raise ConfigError(
+                f"--resume: {work.root} was started with --engine {previous['engine']}, whose predictions differ "
+                f"in the last bits from --engine {cfg.engine}'s: resume with --engine {previous['engine']}, "
+                "or delete that folder to start over"
             )
         changed = [k for k in job if previous.get(k) != job[k]]
         if changed:
@@ -484,7 +517,7 @@ def read_listed(path: str) -> bytes:
     return read_bytes(path)
 
 
-def predict_to_shards(work: WorkDir, saved: SavedModel, cfg: PredictConfig, counter) -> None:
+def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: PredictConfig, counter, engine: str) -> None:
     """manifest -> decode -> Predictor -> shards/, with Ray Data's job-level checkpoint
     keyed on the row key: on a rerun, rows whose shard was committed are filtered out
     right after the read, and a shard whose commit was cut short is deleted and redone."""
@@ -514,7 +547,15 @@ def predict_to_shards(work: WorkDir, saved: SavedModel, cfg: PredictConfig, coun
             num_cpus=1 if gpus else CPU_PREDICTOR_CPUS,
         )
         ds = add_predictions(
-            ds, saved, cfg.batch_size, cfg.top_k, cfg.threads, cfg.num_actors, counter, cpus=CPU_PREDICTOR_CPUS
+            ds,
+            saved,
+            cfg.batch_size,
+            cfg.top_k,
+            cfg.threads,
+            cfg.num_actors,
+            counter,
+            cpus=CPU_PREDICTOR_CPUS,
+            engine=engine,
         )
         ds.write_parquet(os.path.abspath(work.path("shards")), ray_remote_args={"num_cpus": LIGHT_CPUS})
     finally:
@@ -529,13 +570,14 @@ def block_rows(source_size: tuple[int, int]) -> int:
 
 def add_predictions(
     ds,
-    saved: SavedModel,
+    saved: SavedModel | OnnxModel,
     batch_size: int,
     top_k: int = 0,
     threads: int | None = None,
     num_actors: int | None = None,
     progress=None,
     cpus: float = 0,
+    engine: str = "torch",
 ):
     """Map `Predictor` over a dataset with a decoded `image` column, on an actor pool:
     one GPU per actor where the cluster has GPUs, CPU actors (asking for `cpus`) otherwise."""
@@ -550,7 +592,13 @@ def add_predictions(
     return ds.map_batches(
         Predictor,
         # One copy in the object store for all actors, not one pickled per actor.
-        fn_constructor_kwargs={"model": ray.put(saved), "top_k": top_k, "threads": threads, "progress": progress},
+        fn_constructor_kwargs={
+            "model": ray.put(saved),
+            "top_k": top_k,
+            "threads": threads,
+            "progress": progress,
+            "engine": engine,
+        },
         batch_size=batch_size,
         compute=ActorPoolStrategy(size=num_actors or max(1, gpus)),
         **resources,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import math
 import os
@@ -40,8 +41,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from fashion_vit.config import RECIPE_FIELDS, ConfigError, FashionVitError, ServeConfig
-from fashion_vit.model import SavedModel, load_checkpoint
-from fashion_vit.predict import Predictor
+from fashion_vit.export import OnnxModel, to_onnx_model
+from fashion_vit.model import SavedModel
+from fashion_vit.predict import Predictor, load_model
 from fashion_vit.transforms import decode_image
 
 APP_NAME = "fashion-vit"
@@ -83,7 +85,7 @@ class Classifier:
 
     def __init__(self, cfg: dict):
         self.cfg = ServeConfig(**cfg)
-        self.saved = load_checkpoint(self.cfg.model)
+        self.saved = load_model(self.cfg.model)
         self.predictor = make_predictor(self.saved, self.cfg)
         self.labels = list(self.saved.labels)
         self.source_size = self.saved.preprocessing.source_size
@@ -162,10 +164,13 @@ class Classifier:
         ]
 
 
-def make_predictor(saved: SavedModel, cfg: ServeConfig) -> Predictor:
+def make_predictor(saved: SavedModel | OnnxModel, cfg: ServeConfig) -> Predictor:
     """The replica's Predictor: the one place it is made, with every label's probability
-    (a request's top_k is a view of them)."""
-    return Predictor(saved, top_k=len(saved.labels), threads=cfg.cpus_per_replica)
+    (a request's top_k is a view of them), on the engine asked for (a .pth asked to run
+    on ONNX Runtime is exported in memory first, as in the batch job)."""
+    if cfg.engine == "onnx" and isinstance(saved, SavedModel):
+        saved = to_onnx_model(saved, cfg.model)
+    return Predictor(saved, top_k=len(saved.labels), threads=cfg.cpus_per_replica, engine=cfg.engine or "torch")
 
 
 # --- requests ------------------------------------------------------------------------
@@ -295,10 +300,14 @@ def top_k_view(row: dict, top_k: int) -> dict:
     return out
 
 
-def model_info(saved: SavedModel, cfg: ServeConfig) -> dict:
+def model_info(saved: SavedModel | OnnxModel, cfg: ServeConfig) -> dict:
     """GET /: what a client needs to know about the model. No paths: the server's
     file layout is none of a client's business."""
-    train = saved.train_config
+    if isinstance(saved, OnnxModel):  # an export carries both in its metadata (export.py)
+        train = json.loads(saved.metadata.get("train_config", "{}"))
+        metrics = json.loads(saved.metadata.get("metrics", "{}"))
+    else:
+        train, metrics = saved.train_config, saved.metrics
     kept = ("recipe", "from_scratch", "label_column", *RECIPE_FIELDS)
     return _finite(
         {
@@ -308,8 +317,9 @@ def model_info(saved: SavedModel, cfg: ServeConfig) -> dict:
             "source_size": list(saved.preprocessing.source_size),
             "recipe": train.get("recipe"),
             "trained_with": {k: train[k] for k in kept if k in train},
-            "test_metrics": saved.metrics.get("test", {}),
-            "validation_metrics": saved.metrics.get("val", {}),
+            "engine": cfg.engine,
+            "test_metrics": metrics.get("test", {}),
+            "validation_metrics": metrics.get("val", {}),
             "limits": {
                 "max_image_mb": cfg.max_image_mb,
                 "max_image_mpx": cfg.max_image_mpx,
@@ -406,7 +416,7 @@ def run(cfg: ServeConfig, log=print) -> str:
     # Joining a cluster, Serve may already listen on the port here, for this application to share.
     if cfg.address is None and not os.environ.get("RAY_ADDRESS"):
         check_port_free(cfg.host, cfg.port)
-    load_checkpoint(cfg.model)  # fail fast, before Ray starts, on a bad model file
+    load_model(cfg.model)  # fail fast, before Ray starts, on a bad model file
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         log(f"listening on {cfg.host}: the endpoint has no authentication; see docs/serving.md for a gateway")
     start_ray(cfg.address)

@@ -28,6 +28,12 @@ from fashion_vit.files import read_bytes
 # PIL refuses files over ~179 Mpx by default as decompression bombs; a catalogue
 # crawl can hold huge scans, and we only ever read a reduced draft of them.
 Image.MAX_IMAGE_PIXELS = 400_000_000
+# The two halves below in words, for users of an exported model who cannot call them.
+RESIZE = (
+    "decode to RGB (EXIF orientation applied; alpha composited on white; 16-bit scaled to 8) at source_size "
+    "(height, width) with PIL bilinear resampling; then resize that to image_size x image_size, bilinear, "
+    "align_corners=False, antialiased only when shrinking; then (x / 255 - mean) / std per channel, NCHW float32"
+)
 
 
 @dataclass(frozen=True)

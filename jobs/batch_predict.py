@@ -2,6 +2,8 @@
 
     python jobs/batch_predict.py --input photos/ [--input more/] [--model results/vit_model.pth]
     python jobs/batch_predict.py --input-table catalogue.csv --path-column image --keep-columns product_id,sku
+    python jobs/batch_predict.py --input photos/ --model results/model.onnx   # ONNX Runtime (jobs/export.py)
+    python jobs/batch_predict.py --input photos/ --engine compile             # torch.compile
 
 Writes one CSV ([kept columns,] path, predicted_category, confidence, error[, label_i,
 prob_i]): one row per table row, in the table's order, then the folders' files sorted

@@ -120,3 +120,55 @@ def test_serve_replica_takes_a_gpu_and_answers_like_the_model_on_cpu(trained, ra
     agree = [a["predicted_category"] == saved.labels[i] for a, i in zip(answers, idx.tolist(), strict=True)]
     assert np.mean(agree) >= 0.95  # bf16 on the GPU against fp32 here: a near-tie may flip
     assert max(abs(a["confidence"] - c) for a, c in zip(answers, conf.tolist(), strict=True)) < 0.05
+
+
+def _holdout_on_cuda(samples, prep) -> torch.Tensor:
+    from fashion_vit.transforms import decode_image, preprocess
+
+    paths = sorted((samples["holdout"] / "images").iterdir())
+    images = torch.from_numpy(np.stack([decode_image(p.read_bytes(), prep.source_size) for p in paths]))
+    return preprocess(images.cuda(), prep)
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float().argmax(1) == b.float().argmax(1)).float().mean())
+
+
+def test_compile_on_cuda_agrees_with_the_eager_bf16_forward(trained, samples):
+    from fashion_vit.engines import create_forward
+    from fashion_vit.model import load_checkpoint
+
+    saved = load_checkpoint(str(trained / "vit_model.pth"))
+    x = _holdout_on_cuda(samples, saved.preprocessing)
+    cuda = torch.device("cuda")
+    eager = create_forward(saved, "torch", cuda, bf16=True)
+    compiled = create_forward(saved, "compile", cuda, bf16=True)
+    with torch.inference_mode():
+        reference = eager(x)
+        got = torch.cat([compiled(x[i : i + 64]) for i in range(0, len(x), 64)])  # 300: a short last batch
+        single = compiled(x[:1])
+    assert got.device.type == "cuda" and got.shape == reference.shape
+    # Both bf16; the compiled kernels round in another order, so a near tie may flip.
+    assert _agreement(got, reference) >= 0.98
+    assert _agreement(single, reference[:1]) == 1.0
+
+
+def test_onnx_runtime_cuda_agrees_with_the_eager_forward(trained, samples):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)")
+    from fashion_vit import export
+    from fashion_vit.engines import create_forward
+    from fashion_vit.model import load_checkpoint
+
+    saved = load_checkpoint(str(trained / "vit_model.pth"))
+    x = _holdout_on_cuda(samples, saved.preprocessing)
+    cuda = torch.device("cuda")
+    onnx = create_forward(export.to_onnx_model(saved).data, "onnx", cuda)
+    with torch.inference_mode():
+        got = torch.cat([onnx(x[i : i + 64]) for i in range(0, len(x), 64)])
+        fp32 = create_forward(saved, "torch", cuda, bf16=False)(x)
+        bf16 = create_forward(saved, "torch", cuda, bf16=True)(x)
+    assert got.device.type == "cuda"
+    assert _agreement(got, fp32) >= 0.999  # both fp32 (TF32 may round matmuls on either side)
+    assert _agreement(got, bf16) >= 0.98
