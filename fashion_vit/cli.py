@@ -71,13 +71,14 @@ def parse_config(config_cls, argv, prog: str, description: str) -> dict:
     return vars(build_parser(config_cls, prog, description).parse_args(argv))
 
 
-def run_job(prog: str, fn, argv: list[str] | None = None, script: str | None = None) -> int:
+def run_job(prog: str, fn, argv: list[str] | None = None, script: str | list[str] | None = None) -> int:
     """Run `fn()`; a user-fixable error prints `prog: error: ...` and returns 2 for a bad
     flag (before any work starts) or 1 for a failure while running. A job stopped by
     SIGTERM (`Preempted`) prints the command that continues it and returns 143 (130
     for a tune job stopped by Ctrl+C).
 
-    argv, script: the job's flags (default sys.argv[1:]) and its file, for that command."""
+    argv, script: the job's flags (default sys.argv[1:]) and its file (or the words that
+    start it, such as ["fashion-vit", "tune"]), for that command."""
     try:
         fn()
     except Preempted as e:
@@ -97,7 +98,7 @@ def run_job(prog: str, fn, argv: list[str] | None = None, script: str | None = N
     return 0
 
 
-def continue_command(script: str, argv: list[str], flags: list[str]) -> str:
+def continue_command(script: str | list[str], argv: list[str], flags: list[str]) -> str:
     """The same command line with `flags` added (a flag already given, with its value,
     is replaced), as one shell-quoted line: `python jobs/tune.py ... --resume --name x`."""
     argv = list(argv)
@@ -106,8 +107,10 @@ def continue_command(script: str, argv: list[str], flags: list[str]) -> str:
             continue
         takes_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
         argv = _without(argv, flag, takes_value)
-    path = os.path.relpath(script)
-    return shlex.join([sys.executable, script if path.startswith("..") else path, *argv, *flags])
+    if isinstance(script, str):
+        script = [sys.executable, script]
+    start = [os.path.relpath(w) if w.endswith(".py") and not os.path.relpath(w).startswith("..") else w for w in script]
+    return shlex.join([*start, *argv, *flags])
 
 
 def _without(argv: list[str], flag: str, takes_value: bool) -> list[str]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 
 
@@ -35,7 +37,12 @@ def start_ray(address: str | None) -> None:
         ours = "RAY_API_SERVER_ADDRESS" not in os.environ
         if ours:
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        # ray.init sets a SIGTERM handler of its own (sys.exit(15)), in place of the one a
+        # job installed to save its work on a preemption notice (preemption.py): keep ours.
+        handler = signal.getsignal(signal.SIGTERM)
         context = ray.init(address=address, log_to_driver=True, dashboard_port=port)
+        if handler not in (signal.SIG_DFL, None) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
         if ours and not str(context.dashboard_url or "").endswith(f":{port}"):
             del os.environ["RAY_API_SERVER_ADDRESS"]  # joined a cluster: its dashboard is elsewhere
     # Ray Data's per-operator progress bars and execution-plan INFO lines drown the jobs'

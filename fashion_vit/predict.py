@@ -39,7 +39,7 @@ from fashion_vit.export import OnnxModel, read_onnx, to_onnx_model
 from fashion_vit.files import absolute, atomic_open, filesystem, is_image_name, parent, read_bytes, resolve, walk_files
 from fashion_vit.model import SavedModel, load_checkpoint
 from fashion_vit.outputs import Kept, columns, merge_shards, output_format
-from fashion_vit.preemption import Preempted, on_sigterm, raise_preempted
+from fashion_vit.preemption import Preempted, Sigterm, on_sigterm, raise_preempted
 from fashion_vit.progress import Progress
 from fashion_vit.tables import TableError, iter_table
 from fashion_vit.transforms import decode_images, preprocess
@@ -57,14 +57,13 @@ MANIFEST_ROWS = 50_000  # paths per manifest file while listing
 # that takes a whole CPU, and its file listing task takes another, neither of which can
 # be configured: with whole CPUs everywhere a 2-CPU machine would have none left and wait
 # forever (seen). So the light stages (manifest reads, shard writes) ask for a quarter,
-# and on CPU-only clusters the decode+predict actor asks for a sliver: it sizes its
-# torch threads to the node itself, so the number is bookkeeping, not a limit; but not
-# none, or Ray would place it (and restart it, when its node is lost) on a node whose
-# CPUs are all taken, such as the head under other work, as readily as on a free one.
-# (Scoring the test split after training keeps none: a trial's CPUs may not be given
+# and on CPU-only clusters the decode+predict actor asks for none: it sizes its torch
+# threads to the node itself, so the number is bookkeeping, not a limit. (0.01 CPU, to
+# keep a restarted actor off a node whose CPUs are all taken, made the job wait forever
+# beside a Serve replica holding one of 2 CPUs: seen in tests/test_serve.py.) (Scoring the test split after training keeps none: a trial's CPUs may not be given
 # back yet, see docs/cluster.md, two Ray instances.)
 LIGHT_CPUS = 0.25
-CPU_PREDICTOR_CPUS = 0.01
+CPU_PREDICTOR_CPUS = 0
 
 
 class PredictError(FashionVitError):
@@ -191,7 +190,7 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     try:
         with on_sigterm(raise_preempted):
             return _run(cfg, saved, work, t0, log)
-    except Preempted as e:
+    except (Preempted, Sigterm) as e:
         found = (work.listing() or {}).get("found")
         if found is None:
             done = f"the listing of the inputs was not finished ({work.root})"

@@ -40,6 +40,13 @@ def on_sigterm(handler):
         signal.signal(signal.SIGTERM, previous)
 
 
+class Sigterm(BaseException):
+    """What raise_preempted raises, for the job to turn into Preempted. Not an Exception,
+    as KeyboardInterrupt is not: library code that catches every Exception to log it
+    passes it through instead (Ray Data printed a full stack trace as its own internal
+    error when it was one)."""
+
+
 def raise_preempted(signum, frame) -> None:
     """A SIGTERM handler for work that keeps nothing in flight worth waiting for."""
-    raise Preempted("stopped by SIGTERM")
+    raise Sigterm("stopped by SIGTERM")

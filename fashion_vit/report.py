@@ -172,25 +172,7 @@ def plot_search(trials: list[dict], space: dict, epochs: int, best_trial_id: str
         ax.axis("off")
     for ax, name in zip(axes.ravel(), names, strict=False):
         kind, values = next(iter(space[name].items()))
-        if kind == "choice":
-            # Trials on the same choice sit side by side around its position.
-            slot = {i: 0 for i in range(len(values))}
-            taken = {i: sum(values.index(t["config"][name]) == i for t in scored) for i in slot}
-            x_of = {}
-            for t in scored:
-                i = values.index(t["config"][name])
-                x_of[t["trial_id"]] = i + (slot[i] - (taken[i] - 1) / 2) * min(0.1, 0.7 / taken[i])
-                slot[i] += 1
-            ax.set_xticks(range(len(values)), [_show(name, v) for v in values])
-            ax.set_xlim(-0.5, len(values) - 0.5)
-        else:
-            x_of = {t["trial_id"]: t["config"][name] for t in scored}
-            low, high = values
-            if kind == "loguniform":
-                ax.set_xscale("log")
-                ax.set_xlim(low / 1.2, high * 1.2)
-            else:
-                ax.set_xlim(low - (high - low) / 20, high + (high - low) / 20)
+        x_of = _place_trials(ax, name, kind, values, scored)
         for label, style in groups:
             chosen = [t for t in scored if reason(t) == label]
             if not chosen and label == "error":
@@ -229,6 +211,30 @@ def plot_search(trials: list[dict], space: dict, epochs: int, best_trial_id: str
     )
     fig.tight_layout(rect=(0, 0.04, 1, 1 - 0.08 / rows))
     _save(fig, path)
+
+
+def _place_trials(ax, name: str, kind: str, values: list, scored: list[dict]) -> dict:
+    """Each trial's x position on the panel of hyperparameter `name`, with the axis set
+    for it: choices side by side around their slot, numbers on their (log) scale."""
+    if kind == "choice":
+        # Trials on the same choice sit side by side around its position.
+        slot = {i: 0 for i in range(len(values))}
+        taken = {i: sum(values.index(t["config"][name]) == i for t in scored) for i in slot}
+        x_of = {}
+        for t in scored:
+            i = values.index(t["config"][name])
+            x_of[t["trial_id"]] = i + (slot[i] - (taken[i] - 1) / 2) * min(0.1, 0.7 / taken[i])
+            slot[i] += 1
+        ax.set_xticks(range(len(values)), [_show(name, v) for v in values])
+        ax.set_xlim(-0.5, len(values) - 0.5)
+        return x_of
+    low, high = values
+    if kind == "loguniform":
+        ax.set_xscale("log")
+        ax.set_xlim(low / 1.2, high * 1.2)
+    else:
+        ax.set_xlim(low - (high - low) / 20, high + (high - low) / 20)
+    return {t["trial_id"]: t["config"][name] for t in scored}
 
 
 def trials_table(trials: list[dict], epochs: int, searched: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ Shapes: images arrive as uint8 (B, H, W, 3) at the source size and become float
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import re
@@ -27,6 +28,8 @@ from fashion_vit.transforms import Preprocessing, preprocess
 
 MODEL_FILE = "vit_model.pth"
 STATE_FILE = "train_state.pt"  # optimizer/scheduler/epoch, only for resuming a trial
+# The first report after a restore carries the epoch rows before it, as JSON (tune.restores).
+EARLIER_EPOCHS = "earlier_epochs"
 SHUFFLE_BUFFER = 4096  # rows; ~57 MB of 60x80 uint8 images
 
 
@@ -63,21 +66,15 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")  # not split: every worker sees all of it
 
+    # The epochs before a restore, carried in each checkpoint: a trial resumed by Tune
+    # starts its reports afresh, and tune.py's summary takes them from here.
+    history = json.loads(restored.get(EARLIER_EPOCHS, "[]"))
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 1000 + epoch * world + rank)  # flips differ per worker and epoch
         t0 = time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            device=device,
-            local_shuffle_buffer_size=min(SHUFFLE_BUFFER, max(train_rows // world, 1)),
-            local_shuffle_seed=cfg.seed + epoch,
-            # From pinned memory the copy to a GPU is asynchronous; from pageable memory it
-            # waits behind the kernels already queued.
-            pin_memory=device.type == "cuda",
-        )
         train_loss, seen = train_one_epoch(
             model,
-            batches,
+            _epoch_batches(train_shard, cfg, device, max(train_rows // world, 1), epoch),
             optimizer,
             scheduler,
             prep,
@@ -93,19 +90,40 @@ def train_loop_per_worker(config: dict) -> None:
             model, val_batches, prep, labels, autocast, device, world, train_loss, seen
         )
         metrics = {
-            "epoch": epoch + 1,
-            "train_loss": float(train_loss / max(seen, 1)),
-            "val_loss": float(val_loss / max(report["num_examples"], 1)),
-            METRIC: report["accuracy"],
-            "val_macro_f1": report["macro_f1"],
-            "epoch_seconds": time.perf_counter() - t0,
-            "train_seconds": train_seconds,
-            "images_per_second": float(seen / train_seconds),
+            **_epoch_metrics(epoch, train_loss, seen, val_loss, report, time.perf_counter() - t0, train_seconds),
             **(restored if epoch == start_epoch else {}),  # after a restore: what it cost (tune.restores)
         }
+        history.append({k: v for k, v in metrics.items() if k not in restored})
         save_and_report(
-            metrics, report, epoch, model, optimizer, scheduler, prep, config["train_config"], rank, cfg.epochs
+            metrics, report, epoch, model, optimizer, scheduler, prep, config["train_config"], rank, cfg.epochs, history
         )
+
+
+def _epoch_metrics(epoch: int, train_loss, seen, val_loss, report: dict, seconds: float, train_seconds: float) -> dict:
+    """The epoch's row, as Tune and summary.json get it (summed over workers)."""
+    return {
+        "epoch": epoch + 1,
+        "train_loss": float(train_loss / max(seen, 1)),
+        "val_loss": float(val_loss / max(report["num_examples"], 1)),
+        METRIC: report["accuracy"],
+        "val_macro_f1": report["macro_f1"],
+        "epoch_seconds": seconds,
+        "train_seconds": train_seconds,
+        "images_per_second": float(seen / train_seconds),
+    }
+
+
+def _epoch_batches(shard, cfg: TrainConfig, device, rows: int, epoch: int):
+    """The worker's shard for one epoch, shuffled locally with the epoch's seed."""
+    return shard.iter_torch_batches(
+        batch_size=cfg.batch_size,
+        device=device,
+        local_shuffle_buffer_size=min(SHUFFLE_BUFFER, rows),
+        local_shuffle_seed=cfg.seed + epoch,
+        # From pinned memory the copy to a GPU is asynchronous; from pageable memory it
+        # waits behind the kernels already queued.
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _validate_and_sum(model, val_batches, prep, labels, autocast, device, world: int, train_loss, seen):
@@ -152,7 +170,7 @@ def restore(checkpoint, model, optimizer, scheduler) -> tuple[int, dict]:
     main_model(model).load_state_dict(saved.state_dict)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    cost = {"restored_from_epoch": state["epoch"] + 1}
+    cost = {"restored_from_epoch": state["epoch"] + 1, EARLIER_EPOCHS: state.get("history", "[]")}
     if "saved_at" in state:  # checkpoints written before it was recorded have none
         cost["seconds_since_checkpoint"] = max(0.0, time.time() - state["saved_at"])
     return state["epoch"] + 1, cost
@@ -169,9 +187,11 @@ def save_and_report(
     train_config: dict,
     rank: int,
     epochs: int,
+    history: list[dict],
 ) -> None:
     """Report the epoch's metrics from every worker (Ray Train expects all to report),
-    with a checkpoint from rank 0: the model as vit_model.pth and the state to resume."""
+    with a checkpoint from rank 0: the model as vit_model.pth and the state to resume
+    (with `history`, the epoch rows so far)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,6 +205,7 @@ def save_and_report(
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch,
                 "saved_at": time.time(),  # wall clock: a restore on another node reports the time lost
+                "history": json.dumps(history, default=float),  # JSON: torch.load(weights_only) takes no numpy scalars
             }
             torch.save(state, os.path.join(tmp, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -48,7 +48,7 @@ from fashion_vit.metrics import format_report
 from fashion_vit.model import ModelError, SavedModel, create_model, load_pretrained, read_checkpoint
 from fashion_vit.preemption import EXIT_PREEMPTED, Preempted, on_sigterm
 from fashion_vit.report import plot_learning_curves, plot_search, write_model_card
-from fashion_vit.train import MODEL_FILE, train_loop_per_worker
+from fashion_vit.train import EARLIER_EPOCHS, MODEL_FILE, train_loop_per_worker
 from fashion_vit.transforms import Preprocessing
 
 
@@ -622,9 +622,11 @@ def _trial_summary(result, number: int) -> dict:
         "images_per_second",
         CHECKPOINT_PATH,
         *RESTORE_KEYS,
+        EARLIER_EPOCHS,
     ]
     history = [] if df is None or df.empty else df[[c for c in keep if c in df.columns]].to_dict("records")
     history = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))} for row in history]
+    history = with_earlier_epochs(history)
     config = {k: result.config[k] for k in HYPERPARAMETERS if k in result.config}
     return {
         "trial_id": result.metrics.get("trial_id") if result.metrics else None,
@@ -636,6 +638,19 @@ def _trial_summary(result, number: int) -> dict:
         **restores(history),
         "history": history,
     }
+
+
+def with_earlier_epochs(history: list[dict]) -> list[dict]:
+    """A trial resumed by Tune (--resume) reports afresh from its restore: the epochs
+    before it come back from the checkpoint, in the first report after the restore
+    (train.EARLIER_EPOCHS), and go before the epochs reported since."""
+    first = min((row["epoch"] for row in history if "epoch" in row), default=None)
+    earlier: list[dict] = []
+    for row in history:
+        text = row.pop(EARLIER_EPOCHS, None)
+        if isinstance(text, str) and first is not None:
+            earlier = [r for r in json.loads(text) if r.get("epoch", first) < first] or earlier
+    return earlier + history
 
 
 # What train.restore adds to the first epoch after its workers started again from a checkpoint.

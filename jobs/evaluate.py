@@ -1,12 +1,6 @@
-"""Score a trained model on labelled images and write a report to look at.
-
-    python jobs/evaluate.py --model results/vit_model.pth                 # its own test split
-    python jobs/evaluate.py --model results/vit_model.pth --data-dir DIR  # a Kaggle-layout or class folder
-    python jobs/evaluate.py --model results/vit_model.pth --labels labels.csv --label-column category
-
-Writes metrics.json, per_class.csv, confusion_matrix.png and errors.png (the most
-confident mistakes) to results/report/ (or --output).
-"""
+"""Score a trained model on labelled images and write a report to look at: `fashion-vit evaluate` as a script, for a checkout and
+`ray job submit --working-dir .`. Flags: `python jobs/evaluate.py --help`; the code is
+fashion_vit/commands.py."""
 
 from __future__ import annotations
 
@@ -15,22 +9,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fashion_vit import evaluate
-from fashion_vit.cli import parse_config, run_job
-from fashion_vit.config import EvalConfig
+from fashion_vit import commands
+
+HOW = commands.Invocation.script(__file__)
 
 
-def parse_args(argv=None) -> EvalConfig:
-    return EvalConfig(**parse_config(EvalConfig, argv, "evaluate.py", __doc__))
+def parse_args(argv=None):
+    return commands.parse_evaluate(argv, HOW)
 
 
 def main(argv=None) -> int:
-    def job():
-        cfg = parse_args(argv).validate()
-        evaluate.run(cfg)
-        print(f"report: {cfg.output}")
-
-    return run_job("evaluate.py", job)
+    return commands.evaluate(argv, HOW)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,6 @@
-"""Export a trained model as ONNX, checked against PyTorch on real images.
-
-    python jobs/export.py --model results/vit_model.pth                      # -> results/model.onnx + model.json
-    python jobs/export.py --model results/vit_model.pth --images photos/     # check on these images
-    python jobs/export.py --model results/vit_model.pth --quantize int8      # also results/model.int8.onnx
-
-The ONNX file's metadata (and the JSON beside it) holds the labels, the input size,
-mean/std and the resize the model expects. Run it with
-`jobs/batch_predict.py --engine onnx --model results/model.onnx`, or any ONNX runtime.
-Needs pip install -e '.[onnx]'.
-"""
+"""Export a trained model as ONNX, checked against PyTorch on real images: `fashion-vit export` as a script, for a checkout and
+`ray job submit --working-dir .`. Flags: `python jobs/export.py --help`; the code is
+fashion_vit/commands.py."""
 
 from __future__ import annotations
 
@@ -17,20 +9,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fashion_vit import export
-from fashion_vit.cli import parse_config, run_job
-from fashion_vit.config import ExportConfig
+from fashion_vit import commands
+
+HOW = commands.Invocation.script(__file__)
 
 
-def parse_args(argv=None) -> ExportConfig:
-    return ExportConfig(**parse_config(ExportConfig, argv, "export.py", __doc__))
+def parse_args(argv=None):
+    return commands.parse_export(argv, HOW)
 
 
 def main(argv=None) -> int:
-    def job():
-        print(export.run(parse_args(argv).validate()).summary())
-
-    return run_job("export.py", job)
+    return commands.export(argv, HOW)
 
 
 if __name__ == "__main__":

@@ -308,3 +308,28 @@ def test_an_onnx_model_runs_only_with_the_onnx_engine(tmp_path, capsys):
     assert "run it with --engine onnx" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(EngineError, match="only with engine onnx"):
         create_forward(b"x", "torch", torch.device("cpu"))
+
+
+def test_a_serve_replica_runs_the_engine_asked_for_like_the_batch_job(trained, samples, exported):
+    """jobs/serve.py --engine: the replica's Predictor (made in one place) on a model.onnx,
+    and on the .pth exported in memory, labels the holdout as eager PyTorch does."""
+    from fashion_vit.config import ServeConfig
+    from fashion_vit.predict import load_model
+    from fashion_vit.serve import make_predictor, model_info
+
+    paths, _ = holdout(samples)
+    pth = str(trained / "vit_model.pth")
+    images = np.stack([decode_image(p.read_bytes(), load_checkpoint(pth).preprocessing.source_size) for p in paths])
+    want = Predictor(pth, top_k=1)({"image": images})
+    for cfg in (ServeConfig(model=str(exported)), ServeConfig(model=pth, engine="onnx")):
+        cfg.validate()
+        assert cfg.engine == "onnx"
+        saved = load_model(cfg.model)
+        predictor = make_predictor(saved, cfg)
+        assert predictor.engine == "onnx"
+        got = predictor({"image": images})
+        assert np.mean(got["predicted_category"] == want["predicted_category"]) >= 0.99
+        assert np.abs(got["confidence"] - want["confidence"]).max() < 1e-3
+        info = model_info(saved, cfg)
+        assert info["engine"] == "onnx" and info["labels"] == list(load_checkpoint(pth).labels)
+        assert info["test_metrics"] == load_checkpoint(pth).metrics.get("test", {})

@@ -150,6 +150,7 @@ def stop_with_sigterm(proc: subprocess.Popen, log: Path) -> list[str]:
             os.killpg(proc.pid, signal.SIGKILL)
     lines = log.read_text().splitlines()
     assert code == 143, "\n".join(lines[-40:])
+    assert "Traceback (most recent call last):" not in lines, "\n".join(lines[-60:])  # one line, no wall of trace
     said = [i for i, line in enumerate(lines) if line.endswith("; continue it with:")]
     assert len(said) == 1, "\n".join(lines[-40:])
     return shlex.split(lines[said[0] + 1])
