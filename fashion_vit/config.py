@@ -197,6 +197,7 @@ class TrainConfig:
         group=MODEL,
         scratch=32,
         scratch_gpu=64,
+        pretrained_cpu=48,
         searched=True,
         type=positive_int,
     )
@@ -224,9 +225,18 @@ class TrainConfig:
     # may still follow the cluster: --from-scratch on GPU workers takes the scratch-gpu
     # values (`for_cluster`). None: a config built in code, whose values all stand.
     user_set: tuple[str, ...] | None = option(None)
-    epochs: int = option(3, "epochs per trial", group=TRAINING, scratch=6, scratch_gpu=30, type=positive_int)
+    epochs: int = option(
+        3, "epochs per trial", group=TRAINING, scratch=6, scratch_gpu=30, pretrained_cpu=5, type=positive_int
+    )
     lr: float = option(
-        2e-5, "AdamW learning rate", group=TRAINING, scratch=3e-4, scratch_gpu=5e-4, searched=True, type=positive_float
+        2e-5,
+        "AdamW learning rate",
+        group=TRAINING,
+        scratch=3e-4,
+        scratch_gpu=5e-4,
+        pretrained_cpu=1e-4,
+        searched=True,
+        type=positive_float,
     )
     batch_size: int = option(
         32,
