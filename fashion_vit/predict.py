@@ -149,9 +149,9 @@ class Predictor:
         n = len(images)
         errors = batch.get("error")
         ok = np.ones(n, bool) if errors is None else (np.asarray(errors) == "")
-        categories = np.full(n, "", dtype=object)
+        categories: np.ndarray = np.full(n, "", dtype=object)
         confidence = np.full(n, np.nan)
-        top_labels = np.full((n, self.top_k), "", dtype=object)
+        top_labels: np.ndarray = np.full((n, self.top_k), "", dtype=object)
         top_probs = np.full((n, self.top_k), np.nan)
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.device, non_blocking=True)
@@ -184,7 +184,6 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     shard was written is already committed (Ray Data commits each as it writes it),
     and Preempted says how many files are done and carries the flags that continue it."""
     t0 = time.perf_counter()
-    assert cfg.engine is not None, "PredictConfig.validate() settles the engine"
     saved = load_model(cfg.model)  # fail fast, before Ray starts, on a bad model file
     work = open_work(cfg)
     try:
@@ -200,6 +199,7 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
 
 
 def _run(cfg: PredictConfig, saved: SavedModel | OnnxModel, work: WorkDir, t0: float, log) -> PredictOutcome:
+    assert cfg.engine is not None, "PredictConfig.validate() settles the engine"
     timings = {}
     if cfg.engine == "onnx" and isinstance(saved, SavedModel):
         t = time.perf_counter()
@@ -414,7 +414,7 @@ def input_roots(inputs: list[str]) -> list[str]:
     from fashion_vit.files import absolute
 
     keys = {root: absolute(root).rstrip("/") + "/" for root in inputs}
-    roots = []
+    roots: list[str] = []
     for root in inputs:
         key = keys[root]
         inside = any(other != root and key.startswith(keys[other]) and key != keys[other] for other in inputs)
@@ -634,7 +634,6 @@ def make_counter():
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    @ray.remote(num_cpus=0)
     class Counter:
         def __init__(self):
             self.n = 0
@@ -647,7 +646,8 @@ def make_counter():
 
     # On the driver's node: the count must outlive the loss of any other node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Counter.options(scheduling_strategy=here).remote()
+    # ray.remote called, not used as a decorator: mypy keeps a decorated class's own type, which has no .options.
+    return ray.remote(num_cpus=0)(Counter).options(scheduling_strategy=here).remote()
 
 
 def _predicted_rows(counter) -> int:
