@@ -184,6 +184,7 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
     shard was written is already committed (Ray Data commits each as it writes it),
     and Preempted says how many files are done and carries the flags that continue it."""
     t0 = time.perf_counter()
+    assert cfg.engine is not None, "PredictConfig.validate() settles the engine"
     saved = load_model(cfg.model)  # fail fast, before Ray starts, on a bad model file
     work = open_work(cfg)
     try:
@@ -199,7 +200,6 @@ def run(cfg: PredictConfig, log=print) -> PredictOutcome:
 
 
 def _run(cfg: PredictConfig, saved: SavedModel | OnnxModel, work: WorkDir, t0: float, log) -> PredictOutcome:
-    assert cfg.engine is not None, "PredictConfig.validate() settles the engine"
     timings = {}
     if cfg.engine == "onnx" and isinstance(saved, SavedModel):
         t = time.perf_counter()
@@ -238,7 +238,7 @@ def _run(cfg: PredictConfig, saved: SavedModel | OnnxModel, work: WorkDir, t0: f
     counter = make_counter()
     count = lambda: _ray_get(counter.value.remote())
     with Progress(count, listing["found"], before=done_before, quiet=cfg.quiet) as progress:
-        predict_to_shards(work, saved, cfg, counter, cfg.engine)
+        predict_to_shards(work, saved, cfg, counter)
     timings["predict_s"] = time.perf_counter() - t
     if progress.first_done_at is not None:
         timings["first_prediction_s"] = t - t0 + progress.first_done_at  # from the job's start
@@ -516,13 +516,14 @@ def read_listed(path: str) -> bytes:
     return read_bytes(path)
 
 
-def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: PredictConfig, counter, engine: str) -> None:
+def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: PredictConfig, counter) -> None:
     """manifest -> decode -> Predictor -> shards/, with Ray Data's job-level checkpoint
     keyed on the row key: on a rerun, rows whose shard was committed are filtered out
     right after the read, and a shard whose commit was cut short is deleted and redone."""
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
+    assert cfg.engine is not None, "PredictConfig.validate() settles the engine"
     context = ray.data.DataContext.get_current()
     previous = context.checkpoint_config
     # Rows in any order: the merge sorts them, and not waiting for stragglers is faster.
@@ -554,7 +555,7 @@ def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: Predict
             cfg.num_actors,
             counter,
             cpus=CPU_PREDICTOR_CPUS,
-            engine=engine,
+            engine=cfg.engine,
         )
         ds.write_parquet(os.path.abspath(work.path("shards")), ray_remote_args={"num_cpus": LIGHT_CPUS})
     finally:
