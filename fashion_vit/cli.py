@@ -28,7 +28,8 @@ def build_parser(config_cls, prog: str, description: str) -> ArgumentParser:
     groups. A recipe field's flag defaults to None (so a given value can be told from the
     recipe's) and its help names each recipe's value; other flags show their default."""
     parser = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups: dict[str | None, argparse._ArgumentGroup] = {}
+    # The parser itself takes the ungrouped flags: a value is a parser or a group, whose common base this is.
+    groups: dict[str | None, argparse._ActionsContainer] = {}
     for f in fields(config_cls):
         meta = f.metadata
         if not meta.get("help"):
@@ -45,7 +46,9 @@ def build_parser(config_cls, prog: str, description: str) -> ArgumentParser:
         elif meta["cli_default"] is not MISSING:
             default = meta["cli_default"]
         else:
-            default = f.default_factory() if f.default is MISSING else f.default
+            # option() gives every field a default or a default_factory. callable(), not `is MISSING`:
+            # after the `is not MISSING` test above, mypy takes MISSING for Any in this branch.
+            default = f.default_factory() if callable(f.default_factory) else f.default
             if (
                 default is not None
                 and default != []

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -86,7 +87,7 @@ def describe(nodes: list[Node]) -> str:
 PROBE_TIMEOUT_S = 30  # a node that has not answered by then is left out of the warning
 
 
-def warn_if_not_shared(write: list[tuple[str, str]], read: list[tuple[str, str]] = (), warn=None) -> None:
+def warn_if_not_shared(write: list[tuple[str, str]], read: Sequence[tuple[str, str]] = (), warn=None) -> None:
     """On a multi-node cluster, one line on stderr for each local path that some other
     alive node cannot see. write: (flag, folder) pairs the job's workers write and that
     must outlive any node (created here), each probed with a marker file this driver

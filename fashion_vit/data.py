@@ -385,7 +385,7 @@ def infer_source_size(images: pd.Series, image_size: int, sample: int = 256) -> 
     """The (height, width) to keep decoded images at: the most common size in a sample
     of the data, scaled down to fit `image_size` (never store more pixels than the model
     will see). `images`: what `image_bytes` takes."""
-    sizes = Counter()
+    sizes: Counter[tuple[int, int]] = Counter()
     for item in images.iloc[:: max(1, len(images) // sample)][:sample]:
         try:
             with Image.open(io.BytesIO(image_bytes(item))) as img:

@@ -127,7 +127,9 @@ def _sorted_runs(shards: list[str], runs_dir: str, key: str) -> list[str]:
     import pyarrow.parquet as pq
 
     os.makedirs(runs_dir, exist_ok=True)
-    groups, group, size = [], [], 0
+    groups: list[list[str]] = []
+    group: list[str] = []
+    size = 0
     for shard in sorted(shards):
         n = pq.ParquetFile(shard).metadata.num_rows
         if group and size + n > RUN_ROWS:

@@ -149,9 +149,9 @@ class Predictor:
         n = len(images)
         errors = batch.get("error")
         ok = np.ones(n, bool) if errors is None else (np.asarray(errors) == "")
-        categories = np.full(n, "", dtype=object)
+        categories: np.ndarray = np.full(n, "", dtype=object)
         confidence = np.full(n, np.nan)
-        top_labels = np.full((n, self.top_k), "", dtype=object)
+        top_labels: np.ndarray = np.full((n, self.top_k), "", dtype=object)
         top_probs = np.full((n, self.top_k), np.nan)
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(images[ok])).to(self.device, non_blocking=True)
@@ -238,7 +238,7 @@ def _run(cfg: PredictConfig, saved: SavedModel | OnnxModel, work: WorkDir, t0: f
     counter = make_counter()
     count = lambda: _ray_get(counter.value.remote())
     with Progress(count, listing["found"], before=done_before, quiet=cfg.quiet) as progress:
-        predict_to_shards(work, saved, cfg, counter, cfg.engine)
+        predict_to_shards(work, saved, cfg, counter)
     timings["predict_s"] = time.perf_counter() - t
     if progress.first_done_at is not None:
         timings["first_prediction_s"] = t - t0 + progress.first_done_at  # from the job's start
@@ -414,7 +414,7 @@ def input_roots(inputs: list[str]) -> list[str]:
     from fashion_vit.files import absolute
 
     keys = {root: absolute(root).rstrip("/") + "/" for root in inputs}
-    roots = []
+    roots: list[str] = []
     for root in inputs:
         key = keys[root]
         inside = any(other != root and key.startswith(keys[other]) and key != keys[other] for other in inputs)
@@ -516,13 +516,14 @@ def read_listed(path: str) -> bytes:
     return read_bytes(path)
 
 
-def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: PredictConfig, counter, engine: str) -> None:
+def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: PredictConfig, counter) -> None:
     """manifest -> decode -> Predictor -> shards/, with Ray Data's job-level checkpoint
     keyed on the row key: on a rerun, rows whose shard was committed are filtered out
     right after the read, and a shard whose commit was cut short is deleted and redone."""
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
+    assert cfg.engine is not None, "PredictConfig.validate() settles the engine"
     context = ray.data.DataContext.get_current()
     previous = context.checkpoint_config
     # Rows in any order: the merge sorts them, and not waiting for stragglers is faster.
@@ -554,7 +555,7 @@ def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: Predict
             cfg.num_actors,
             counter,
             cpus=CPU_PREDICTOR_CPUS,
-            engine=engine,
+            engine=cfg.engine,
         )
         ds.write_parquet(os.path.abspath(work.path("shards")), ray_remote_args={"num_cpus": LIGHT_CPUS})
     finally:
@@ -634,7 +635,6 @@ def make_counter():
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    @ray.remote(num_cpus=0)
     class Counter:
         def __init__(self):
             self.n = 0
@@ -647,7 +647,8 @@ def make_counter():
 
     # On the driver's node: the count must outlive the loss of any other node.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Counter.options(scheduling_strategy=here).remote()
+    # ray.remote called, not used as a decorator: mypy keeps a decorated class's own type, which has no .options.
+    return ray.remote(num_cpus=0)(Counter).options(scheduling_strategy=here).remote()
 
 
 def _predicted_rows(counter) -> int:

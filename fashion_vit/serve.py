@@ -93,9 +93,9 @@ class Classifier:
         self.max_pixels = int(self.cfg.max_image_mpx * 1e6)
         # At most this many images decode at once: memory stays bounded under a burst of big uploads.
         self.decoder = ThreadPoolExecutor(max(2, self.cfg.cpus_per_replica), thread_name_prefix="decode")
-        # Serve's documented way to size a batch per instance (its type stubs do not show the setters).
-        self.predict_image.set_max_batch_size(self.cfg.max_batch_size)  # type: ignore[attr-defined]
-        self.predict_image.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)  # type: ignore[attr-defined]
+        # Serve's documented way to size a batch per instance.
+        self.predict_image.set_max_batch_size(self.cfg.max_batch_size)
+        self.predict_image.set_batch_wait_timeout_s(self.cfg.batch_wait_ms / 1000)
         self.info = model_info(self.saved, self.cfg)
         # The first forward pass of each batch shape allocates; pay for the common ones before the first request.
         h, w = self.source_size

@@ -259,7 +259,8 @@ def evaluate(model, batches, prep: Preprocessing, num_classes: int, autocast):
     """Returns (summed cross-entropy, confusion matrix) over `batches`."""
     model.eval()
     # Summed on the device and read once at the end, not synced every batch.
-    loss_sum, cm = 0.0, 0
+    loss_sum = 0.0
+    cm: torch.Tensor | int = 0  # still 0 after no batches
     for batch in batches:
         x = preprocess(batch["image"], prep)
         y = batch["label"]
@@ -267,8 +268,8 @@ def evaluate(model, batches, prep: Preprocessing, num_classes: int, autocast):
             logits = model(pixel_values=x).logits.float()
         loss_sum = loss_sum + F.cross_entropy(logits, y, reduction="sum").double()
         cm = cm + torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
-    cm = cm.cpu().numpy() if torch.is_tensor(cm) else np.zeros(num_classes * num_classes, np.int64)
-    return float(loss_sum), cm.reshape(num_classes, num_classes)
+    counts = np.zeros(num_classes * num_classes, np.int64) if isinstance(cm, int) else cm.cpu().numpy()
+    return float(loss_sum), counts.reshape(num_classes, num_classes)
 
 
 def _loss(logits, y, weights, label_smoothing: float):
@@ -290,10 +291,10 @@ def class_weights(counts: list[int], mode: str) -> list[float] | None:
     A class with no training rows gets weight 0."""
     if mode == "none":
         return None
-    counts = np.asarray(counts, dtype=np.float64)
-    present = counts > 0
-    w = np.zeros_like(counts)
-    w[present] = counts.sum() / (present.sum() * counts[present])
+    n_c = np.asarray(counts, dtype=np.float64)
+    present = n_c > 0
+    w = np.zeros_like(n_c)
+    w[present] = n_c.sum() / (present.sum() * n_c[present])
     return (np.sqrt(w) if mode == "sqrt" else w).tolist()
 
 

@@ -50,11 +50,15 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
+        # Unpacked, so that a stored size or statistic of the wrong length fails on load, not in a batch.
+        height, width = (int(v) for v in d["source_size"])
+        mean_r, mean_g, mean_b = (float(v) for v in d["mean"])
+        std_r, std_g, std_b = (float(v) for v in d["std"])
         return cls(
             image_size=int(d["image_size"]),
-            source_size=tuple(int(v) for v in d["source_size"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
+            source_size=(height, width),
+            mean=(mean_r, mean_g, mean_b),
+            std=(std_r, std_g, std_b),
         )
 
 
@@ -116,7 +120,7 @@ class UnreadableImage(OSError):
     """A training image that could not be read at all (missing, no permission, I/O)."""
 
 
-def image_bytes(item) -> bytes:
+def image_bytes(item) -> bytes | bytearray:
     """An image's bytes from what a data frame holds: the bytes, or a path or URI to read."""
     return item if isinstance(item, bytes | bytearray) else read_bytes(item)
 
@@ -129,8 +133,8 @@ def decode_images(items, source_size: tuple[int, int], read=None) -> tuple[np.nd
     "" where it decoded).
     """
     h, w = source_size
-    images = np.zeros((len(items), h, w, 3), np.uint8)
-    errors = np.full(len(items), "", dtype=object)
+    images: np.ndarray = np.zeros((len(items), h, w, 3), np.uint8)
+    errors: np.ndarray = np.full(len(items), "", dtype=object)
     for i, item in enumerate(items):
         try:
             images[i] = decode_image(read(item) if read else item, source_size)

@@ -100,8 +100,9 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     storage = absolute(cfg.storage or os.path.join(cfg.output_dir, "experiments"))
     if os.path.isdir(cfg.model):  # recorded in the checkpoint: say which folder, from anywhere
         cfg = replace(cfg, model=os.path.abspath(cfg.model))
-    cfg = replace(cfg, name=resolve_experiment(cfg, storage))
-    log(f"experiment {cfg.name} in {storage}" + (" (resuming)" if cfg.resume else ""))
+    name = resolve_experiment(cfg, storage)
+    cfg = replace(cfg, name=name)
+    log(f"experiment {name} in {storage}" + (" (resuming)" if cfg.resume else ""))
     stop = StopOnSigterm()
     try:
         with on_sigterm(stop):
@@ -109,12 +110,14 @@ def run(cfg: TrainConfig, log=print) -> TuneOutcome:
     except Preempted as e:
         from ray import tune
 
-        saved = tune.Tuner.can_restore(join(storage, cfg.name))
-        e.resume = ["--resume", "--name", cfg.name] if saved else ["--name", cfg.name]
+        saved = tune.Tuner.can_restore(join(storage, name))
+        e.resume = ["--resume", "--name", name] if saved else ["--name", name]
         raise
 
 
 def _run(cfg: TrainConfig, storage: str, stop: StopOnSigterm, log) -> TuneOutcome:
+    assert cfg.name is not None, "run() resolves the experiment's name"
+    experiment = join(storage, cfg.name)
     timings = {}
     t = time.perf_counter()
     prepared = prepare(cfg, log)
@@ -156,8 +159,8 @@ def _run(cfg: TrainConfig, storage: str, stop: StopOnSigterm, log) -> TuneOutcom
     timings["tune_s"] = time.perf_counter() - t
     trials = summarise_trials(results)
     if cfg.search == "optuna":
-        _add_searcher_notes(trials, join(storage, cfg.name), log)
-    return export_best(cfg, prepared, undecodable, trials, test_ds, join(storage, cfg.name), timings, log)
+        _add_searcher_notes(trials, experiment, log)
+    return export_best(cfg, prepared, undecodable, trials, test_ds, experiment, timings, log)
 
 
 def export_best(cfg, prepared: Prepared, undecodable: int, trials, test_ds, experiment: str, timings, log):
@@ -336,6 +339,7 @@ def trials_that_fit(cfg: TrainConfig, nodes: list[Node]) -> int:
     its workers would wait for them and time out."""
     if cfg.use_gpu:
         return max(1, placeable(nodes, cpus=1, gpus=1) // cfg.num_workers)
+    assert cfg.cpus_per_worker is not None, "size_workers() settles it before trials are counted"
     return max(1, placeable(nodes, cpus=cfg.cpus_per_worker) // cfg.num_workers)
 
 
@@ -452,6 +456,7 @@ def build_tuner(cfg: TrainConfig, prepared: Prepared, datasets: dict, storage: s
     searching = cfg.search != "none"
     param_space = search_space(cfg) if searching else baseline(cfg)
     if cfg.resume:
+        assert cfg.name is not None, "run() resolves the experiment's name"
         # Finished trials stay finished; unfinished ones restart, and their TorchTrainer
         # (same run name and storage) continues from its latest checkpoint.
         return tune.Tuner.restore(
@@ -532,6 +537,7 @@ def tracking_callbacks(cfg: TrainConfig) -> list:
     """Tune callbacks for --mlflow-uri; without it none, and mlflow is not imported."""
     if not cfg.mlflow_uri:
         return []
+    assert cfg.name is not None, "run() resolves the experiment's name"
     from fashion_vit.tracking import mlflow_callback
 
     return [mlflow_callback(cfg.mlflow_uri, cfg.mlflow_experiment, cfg.name)]
@@ -580,6 +586,7 @@ def log_to_mlflow(cfg: TrainConfig, best: dict, model_path: str, log=print) -> N
     """The exported model and its reports as artifacts of the best trial's MLflow run."""
     from fashion_vit.tracking import log_files
 
+    assert cfg.mlflow_uri, "called only with --mlflow-uri"
     if not best.get("mlflow_run_id"):
         log(f"MLflow: no run of trial {best['trial_id']} found at {cfg.mlflow_uri}; the model was not logged there")
         return
@@ -686,7 +693,7 @@ def _add_searcher_notes(trials: list[dict], experiment: str, log=print) -> None:
         return
     from fashion_vit.search import read_searcher
 
-    seen = {}
+    seen: dict[str, int] = {}
     for s in read_searcher(experiment).suggestions:
         seen.setdefault(s["trial_id"], len(s["completed"]))
     for t in trials:
