@@ -57,13 +57,15 @@ MANIFEST_ROWS = 50_000  # paths per manifest file while listing
 # that takes a whole CPU, and its file listing task takes another, neither of which can
 # be configured: with whole CPUs everywhere a 2-CPU machine would have none left and wait
 # forever (seen). So the light stages (manifest reads, shard writes) ask for a quarter,
-# and on CPU-only clusters the decode+predict actor asks for none: it sizes its torch
-# threads to the node itself, so the number is bookkeeping, not a limit. (0.01 CPU, to
-# keep a restarted actor off a node whose CPUs are all taken, made the job wait forever
-# beside a Serve replica holding one of 2 CPUs: seen in tests/test_serve.py.) (Scoring the test split after training keeps none: a trial's CPUs may not be given
+# and on CPU-only clusters the decode+predict actor asks for a sliver: it sizes its
+# torch threads to the node itself, so the number is bookkeeping, not a limit; but not
+# none, or Ray places it (and restarts it, when its node is lost) on a node whose CPUs
+# are all taken as readily as on a free one (seen in tests/test_nodes.py). On a single
+# node there is nowhere else to go, and the sliver made the job wait forever beside a
+# Serve replica holding one of 2 CPUs (seen in tests/test_serve.py): none there. (Scoring the test split after training keeps none: a trial's CPUs may not be given
 # back yet, see docs/cluster.md, two Ray instances.)
 LIGHT_CPUS = 0.25
-CPU_PREDICTOR_CPUS = 0
+CPU_PREDICTOR_CPUS = 0.01  # on clusters of several nodes; 0 on one
 
 
 class PredictError(FashionVitError):
@@ -532,7 +534,9 @@ def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: Predict
         id_column=KEY, checkpoint_path=os.path.abspath(work.path("checkpoint")), delete_checkpoint_on_success=False
     )
     try:
-        gpus = sum(n.gpus for n in cluster_nodes()) > 0
+        nodes = cluster_nodes()
+        gpus = sum(n.gpus for n in nodes) > 0
+        cpus = CPU_PREDICTOR_CPUS if len(nodes) > 1 else 0
         ds = ray.data.read_parquet(os.path.abspath(work.path("manifest")), num_cpus=LIGHT_CPUS)
         # The read makes one block per manifest file; a shard is committed per block.
         rows = block_rows(saved.preprocessing.source_size)
@@ -544,7 +548,7 @@ def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: Predict
             # On CPUs the same resources as the predictor, so Ray fuses decoding into its
             # actor (measured: as fast as separate decode tasks on 2 cores, 1117 against
             # 1024 images/s); on GPUs whole-CPU tasks, kept apart from the GPU actors.
-            num_cpus=1 if gpus else CPU_PREDICTOR_CPUS,
+            num_cpus=1 if gpus else cpus,
         )
         ds = add_predictions(
             ds,
@@ -554,7 +558,7 @@ def predict_to_shards(work: WorkDir, saved: SavedModel | OnnxModel, cfg: Predict
             cfg.threads,
             cfg.num_actors,
             counter,
-            cpus=CPU_PREDICTOR_CPUS,
+            cpus=cpus,
             engine=cfg.engine,
         )
         ds.write_parquet(os.path.abspath(work.path("shards")), ray_remote_args={"num_cpus": LIGHT_CPUS})

@@ -174,8 +174,10 @@ def test_sigterm_to_tune_saves_the_experiment_and_the_printed_command_continues_
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     (trial,) = json.loads((out / "summary.json").read_text())["trials"]
     assert [r["epoch"] for r in trial["history"]] == [1, 2, 3]
-    # The trial continued from the last checkpoint before the notice, not from scratch.
-    assert [r["from_checkpoint_of_epoch"] for r in trial["restores"]] == [done]
+    # The trial continued from its last checkpoint, not from scratch: the one reported
+    # before the notice, or the next, when the epoch in hand finished while Tune stopped.
+    (restore,) = trial["restores"]
+    assert done <= restore["from_checkpoint_of_epoch"] < 3
     assert (out / "vit_model.pth").exists()
 
 
