@@ -226,7 +226,7 @@ class TrainConfig:
     # values (`for_cluster`). None: a config built in code, whose values all stand.
     user_set: tuple[str, ...] | None = option(None)
     epochs: int = option(
-        3, "epochs per trial", group=TRAINING, scratch=6, scratch_gpu=30, pretrained_cpu=5, type=positive_int
+        3, "epochs per trial", group=TRAINING, scratch=6, scratch_gpu=30, pretrained_cpu=3, type=positive_int
     )
     lr: float = option(
         2e-5,

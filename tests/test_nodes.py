@@ -126,12 +126,20 @@ def test_tune_continues_from_its_checkpoint_when_the_node_training_it_is_lost(
     assert exported.metrics[METRIC] == pytest.approx(max(r[METRIC] for t in summary["trials"] for r in t["history"]))
     lost_s = trial["restores"][0]["seconds_since_checkpoint"]
     assert lost_s >= killed_at - checkpoint_at - 1
-    print(
-        f"\n[tune, node lost, {replacement} takes over] killed {killed_at - checkpoint_at:.1f}s after epoch "
+    measured(
+        tmp_path,
+        f"[tune, node lost, {replacement} takes over] killed {killed_at - checkpoint_at:.1f}s after epoch "
         f"{done_at_kill}'s checkpoint; training again {lost_s - (killed_at - checkpoint_at):.1f}s after the kill"
         + (f" (a worker on the new node {moved_at - killed_at:.1f}s after it)" if new else "")
-        + f"; time lost {lost_s:.1f}s; epochs redone: {trial['epochs_redone']} (epoch {done_at_kill + 1})"
+        + f"; time lost {lost_s:.1f}s; epochs redone: {trial['epochs_redone']} (epoch {done_at_kill + 1})",
     )
+
+
+def measured(tmp_path: Path, line: str) -> None:
+    """The test's figures: printed (pytest -s shows them) and kept in its tmp_path, which
+    pytest keeps for its last 3 runs (for the table in docs/cluster.md)."""
+    print("\n" + line)
+    (tmp_path / "measured.txt").write_text(line + "\n")
 
 
 def checkpoint_time(out: Path, name: str, epoch: int) -> float:
@@ -247,7 +255,8 @@ def test_batch_predict_loses_the_node_of_its_predictor_and_no_file_is_lost_or_do
     assert np.allclose([float(r["confidence"]) for r in rows], [expected[r["path"]][1] for r in rows], atol=1e-4)
     redone = [int(line.split()[0]) for line in text.splitlines() if "predictions were made again" in line]
     assert redone and redone[0] > 0, "the lost actor had no prediction in hand"
-    print(
-        f"\n[batch, node lost, {replacement} takes over] finished in-process; a predictor on the {replacement} "
-        f"{restarted_at - killed_at:.1f}s after the kill; predictions made again: {redone[0]}"
+    measured(
+        tmp_path,
+        f"[batch, node lost, {replacement} takes over] finished in-process; a predictor on the {replacement} "
+        f"{restarted_at - killed_at:.1f}s after the kill; predictions made again: {redone[0]}",
     )
