@@ -148,7 +148,10 @@ def checkpoint_time(out: Path, name: str, epoch: int) -> float:
 
     from fashion_vit.train import STATE_FILE
 
-    for folder in (out / "experiments").glob(f"{name}-train-*/checkpoint_*"):
+    # Ray Train's checkpoint_manager_snapshot.json matches the pattern too (once written).
+    for folder in (out / "experiments").glob(f"{name}-train-*/checkpoint_*/"):
+        if not (folder / STATE_FILE).is_file():
+            continue
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         if state["epoch"] + 1 == epoch:
             return state["saved_at"]
