@@ -648,16 +648,22 @@ def _trial_summary(result, number: int) -> dict:
 
 
 def with_earlier_epochs(history: list[dict]) -> list[dict]:
-    """A trial resumed by Tune (--resume) reports afresh from its restore: the epochs
-    before it come back from the checkpoint, in the first report after the restore
-    (train.EARLIER_EPOCHS), and go before the epochs reported since."""
-    first = min((row["epoch"] for row in history if "epoch" in row), default=None)
-    earlier: list[dict] = []
+    """The trial's epochs, once each. The first report after a restore carries the
+    checkpoint's own epoch rows (train.EARLIER_EPOCHS), and they stand for every epoch
+    before it: Tune's rows may lack some (a trial resumed with --resume reports afresh,
+    and Tune may save the experiment before the last report before a stop reaches it)
+    or hold an epoch done twice (reported, then lost with its checkpoint). What an
+    earlier restore cost stays on the epoch it was reported with."""
+    merged: list[dict] = []
     for row in history:
         text = row.pop(EARLIER_EPOCHS, None)
-        if isinstance(text, str) and first is not None:
-            earlier = [r for r in json.loads(text) if r.get("epoch", first) < first] or earlier
-    return earlier + history
+        if isinstance(text, str) and "epoch" in row:
+            costs = {r["epoch"]: {k: r[k] for k in RESTORE_KEYS if k in r} for r in merged if "epoch" in r}
+            merged = [
+                {**r, **costs.get(r.get("epoch"), {})} for r in json.loads(text) if r.get("epoch", 0) < row["epoch"]
+            ]
+        merged.append(row)
+    return merged
 
 
 # What train.restore adds to the first epoch after its workers started again from a checkpoint.

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from fashion_vit.config import ConfigError, TrainConfig
+from fashion_vit.train import EARLIER_EPOCHS
 from fashion_vit.tune import (
     CHECKPOINT_PATH,
     Node,
@@ -20,6 +21,7 @@ from fashion_vit.tune import (
     root_error,
     size_workers,
     trials_that_fit,
+    with_earlier_epochs,
 )
 
 
@@ -67,6 +69,33 @@ def test_trials_are_ordered_as_they_were_made_not_as_the_result_grid_lists_them(
     grid = [SimpleNamespace(metrics={"experiment_tag": "3_lr=0.1"}), SimpleNamespace(metrics={"experiment_tag": "1"})]
     grid.append(SimpleNamespace(metrics={}))
     assert sorted(range(3), key=lambda i: _creation_order(grid[i], i)) == [1, 2, 0]
+
+
+def test_the_history_has_each_epoch_once_whatever_tune_kept_before_a_restore():
+    import json
+
+    def ep(n, **extra):
+        return {"epoch": n, "val_accuracy": n / 10, **extra}
+
+    def restored(n, earlier, **extra):
+        return ep(n, restored_from_epoch=n - 1, **{EARLIER_EPOCHS: json.dumps(earlier)}, **extra)
+
+    def epochs(history):
+        return [r["epoch"] for r in history]
+
+    # --resume after a SIGTERM that came as epoch 2 was reported: Tune saved 1, the checkpoint holds 1 and 2.
+    merged = with_earlier_epochs([ep(1), restored(3, [ep(1), ep(2)])])
+    assert epochs(merged) == [1, 2, 3] and EARLIER_EPOCHS not in merged[2]
+    # Tune reports afresh after --resume: the epochs before come from the checkpoint alone.
+    assert epochs(with_earlier_epochs([restored(3, [ep(1), ep(2)])])) == [1, 2, 3]
+    # Epoch 2 reported, then lost with its checkpoint and done again: once, as done again.
+    merged = with_earlier_epochs([ep(1), ep(2, val_accuracy=0.5), restored(2, [ep(1)]), ep(3)])
+    assert epochs(merged) == [1, 2, 3] and merged[1]["val_accuracy"] == 0.2
+    # A lost worker during epoch 2, then --resume from epoch 3's checkpoint: both restores kept.
+    merged = with_earlier_epochs([ep(1), restored(2, [ep(1)]), ep(3), restored(4, [ep(1), ep(2), ep(3)])])
+    assert epochs(merged) == [1, 2, 3, 4]
+    assert [r.get("restored_from_epoch") for r in merged] == [None, 1, None, 3]
+    assert epochs(with_earlier_epochs([ep(1), ep(2)])) == [1, 2]  # never restored
 
 
 TWO_BY_TWO = [Node(cpus=2, gpus=0), Node(cpus=2, gpus=0)]
