@@ -143,7 +143,24 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(trained, ray_session):
+def batch_answers(trained, samples, ray_session, tmp_path_factory):
+    """The batch job's rows for 16 holdout images, made before the server starts: the
+    job and a replica would share the session's 2 CPUs."""
+    from jobs import batch_predict
+
+    names = sorted(os.listdir(samples["holdout"] / "images"))[:16]
+    folder = tmp_path_factory.mktemp("serve-in")
+    for name in names:
+        os.symlink(samples["holdout"] / "images" / name, folder / name)
+    out = tmp_path_factory.mktemp("serve-out") / "pred.csv"
+    argv = ["--input", str(folder), "--model", str(trained / "vit_model.pth"), "--output", str(out), "--top-k", "3"]
+    assert batch_predict.main([*argv, "--quiet"]) == 0
+    with open(out, newline="") as f:
+        return folder, names, {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def server(trained, batch_answers, ray_session):
     from ray import serve
 
     from fashion_vit import serve as serving
@@ -151,27 +168,15 @@ def server(trained, ray_session):
     cfg = ServeConfig(model=str(trained / "vit_model.pth"), port=free_port(), max_image_mb=MAX_IMAGE_MB, max_files=4)
     url = serving.run(cfg.validate(), log=lambda *a: None)
     try:
-        with httpx.Client(base_url=url, timeout=60) as client:
+        with httpx.Client(base_url=url, timeout=30) as client:
             yield client
     finally:
         serve.shutdown()
 
 
 @pytest.mark.slow
-def test_answers_equal_the_batch_job_on_real_images(server, trained, samples, tmp_path):
-    from jobs import batch_predict
-
-    names = sorted(os.listdir(samples["holdout"] / "images"))[:24]
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in names:
-        os.symlink(samples["holdout"] / "images" / name, folder / name)
-    out = tmp_path / "pred.csv"
-    argv = ["--input", str(folder), "--model", str(trained / "vit_model.pth"), "--output", str(out), "--top-k", "3"]
-    assert batch_predict.main([*argv, "--quiet"]) == 0
-    with open(out, newline="") as f:
-        expected = {os.path.basename(r["path"]): r for r in csv.DictReader(f)}
-
+def test_answers_equal_the_batch_job_on_real_images(server, batch_answers):
+    folder, names, expected = batch_answers
     # 12 one by one, concurrently (so that they meet in batches), 4 in one multipart request.
     raw, multi = names[:12], names[12:16]
     answers = {}
@@ -186,8 +191,10 @@ def test_answers_equal_the_batch_job_on_real_images(server, trained, samples, tm
     threads = [threading.Thread(target=post_raw, args=(n,)) for n in raw]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 60  # one wait for all of them: each request has 30 s
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "requests still unanswered after 60 s"
     files = [("files", (n, (folder / n).read_bytes(), "image/jpeg")) for n in multi]
     r = server.post("/predict", params={"top_k": 3}, files=files)
     assert r.status_code == 200, r.text
