@@ -15,9 +15,11 @@ import csv
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,106 @@ def run_script(script: str, *args: str, env: dict | None = None, timeout: float 
     return subprocess.run(
         [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=timeout
     )
+
+
+def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
+    """A job's main(argv) in this process, as its script runs it (the scripts themselves
+    are run in tests/test_commands.py): its exit status and what it wrote to stderr.
+    argparse's own errors leave through SystemExit, as they do from the script."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def session_env() -> dict:
+    """The environment of a job run as a subprocess on the session's Ray (as `ray job
+    submit` runs it on a cluster): no Ray of its own to start and stop."""
+    import ray
+
+    return dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+
+
+def own_ray_env() -> dict:
+    """A subprocess job that starts a local Ray of its own, in its own temp folder (for
+    the tests that lose that whole Ray). Short: socket paths must stay under 107 bytes."""
+    temp = tempfile.mkdtemp(prefix="j", dir=os.environ["RAY_TMPDIR"])
+    return dict(os.environ, RAY_ADDRESS="local", RAY_TMPDIR=temp)
+
+
+def kill_after_first_commit(args: list[str], output: Path, env: dict, log: Path, timeout: float = 600) -> None:
+    """Run jobs/batch_predict.py until the first shard of `output` is committed to its
+    checkpoint, then SIGKILL the driver and everything in its session: a lost machine."""
+    checkpoint = Path(str(output) + ".partial") / "checkpoint"
+    committed = lambda: (
+        checkpoint.is_dir() and any(p.suffix == ".parquet" and ".pending" not in p.name for p in checkpoint.iterdir())
+    )
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "jobs/batch_predict.py", *args], cwd=ROOT, env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + timeout
+        while not committed():
+            assert proc.poll() is None, "the job ended before it could be killed:\n" + log.read_text()[-3000:]
+            assert time.time() < deadline, f"no shard committed in {timeout:.0f} s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if env.get("RAY_ADDRESS") == "local":  # its own Ray's workers notice their raylet is gone within seconds
+        deadline = time.time() + 60
+        while _still_running(env["RAY_TMPDIR"]) and time.time() < deadline:
+            time.sleep(0.5)
+
+
+def _still_running(marker: str) -> bool:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def random_model(path: Path, image_size: int = 32, source_size=(80, 60), seed: int = 0) -> Path:
+    """A seeded random ViT-tiny saved as vit_model.pth: its predictions are as fixed as a
+    trained one's, and it needs no training. Its speed is set by image_size (32 px: fast;
+    128 px, 64 patches: slow enough to act in the middle of a run), its blocks by
+    source_size (the batch job's rows per block follow the decoded size)."""
+    import torch
+
+    from fashion_vit.config import MASTER_CATEGORIES, TrainConfig
+    from fashion_vit.model import create_model, save_checkpoint
+    from fashion_vit.transforms import Preprocessing
+
+    torch.manual_seed(seed)
+    model, (mean, std) = create_model(
+        TrainConfig(from_scratch=True, vit_size="tiny", image_size=image_size), list(MASTER_CATEGORIES)
+    )
+    save_checkpoint(str(path), model, Preprocessing(image_size, source_size, mean, std), {}, {})
+    return path
+
+
+def expected_predictions(model: Path, paths: list[str]) -> dict[str, tuple[str, float]]:
+    """path -> (category, confidence), from the same decoding and Predictor in this
+    process, without Ray: what an undisturbed run writes."""
+    import numpy as np
+
+    from fashion_vit.model import load_checkpoint
+    from fashion_vit.predict import Predictor, read_and_decode
+
+    saved = load_checkpoint(str(model))
+    predictor = Predictor(saved)
+    out = {}
+    for i in range(0, len(paths), 256):
+        batch = read_and_decode({"path": np.array(paths[i : i + 256], dtype=object)}, saved.preprocessing.source_size)
+        batch = predictor(batch)
+        out.update(zip(batch["path"], zip(batch["predicted_category"], batch["confidence"], strict=True), strict=True))
+    return out
 
 
 class Exploit:

@@ -7,10 +7,6 @@ import csv
 import io
 import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +18,7 @@ from fashion_vit import outputs
 from fashion_vit.files import walk_files
 from fashion_vit.predict import input_roots
 from fashion_vit.progress import Progress
-from tests.conftest import ROOT, run_script
+from tests.conftest import kill_after_first_commit, own_ray_env, random_model, run_script, session_env
 
 PROGRESS_LINE = re.compile(r"^(\d+)/(\d+) files \([\d.]+%\), \d+ images/s, (\S+ left|time left unknown)$")
 
@@ -122,30 +118,21 @@ def test_progress_lines_plain_off_a_terminal_and_a_bar_on_one():
 # --- the real job: kill, resume, Parquet -------------------------------------------------------
 
 
+CRAWL_IMAGES = 1200
+
+
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory):
-    """A random ViT-tiny at 128 px (64 patches): slow enough on 2 cores (~100 images/s)
-    that a run of a few thousand files can be killed in the middle."""
-    import torch
-
-    from fashion_vit.config import MASTER_CATEGORIES, TrainConfig
-    from fashion_vit.model import create_model, save_checkpoint
-    from fashion_vit.transforms import Preprocessing
-
-    torch.manual_seed(0)
-    model, (mean, std) = create_model(
-        TrainConfig(from_scratch=True, vit_size="tiny", image_size=128), list(MASTER_CATEGORIES)
-    )
-    path = tmp_path_factory.mktemp("slow-model") / "vit_model.pth"
-    save_checkpoint(str(path), model, Preprocessing(128, (80, 60), mean, std), {}, {})
-    return path
+    """A random ViT-tiny at 64 px, decoding at 160x120: blocks of 582 rows, so that a run
+    over the crawl commits its first block while the others are still predicted."""
+    return random_model(tmp_path_factory.mktemp("slow-model") / "vit_model.pth", 64, (160, 120))
 
 
 @pytest.fixture(scope="module")
 def crawl(shared_data, tmp_path_factory):
-    """3,000 real images in nested folders, one broken file and one non-image."""
+    """CRAWL_IMAGES real images in nested folders, one broken file and one non-image."""
     root = tmp_path_factory.mktemp("crawl")
-    images = sorted((shared_data / "images").iterdir())[:3000]
+    images = sorted((shared_data / "images").iterdir())[:CRAWL_IMAGES]
     for i, src in enumerate(images):
         folder = root / f"d{i % 7}" / f"e{i % 5}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -155,22 +142,16 @@ def crawl(shared_data, tmp_path_factory):
     return root
 
 
-def job_env(tmp_path) -> dict:
-    """Its own local Ray, in its own temp folder, so that its leftovers can be found.
-    Short, under the session's fresh one: Ray's socket paths must stay under 107 bytes."""
-    temp = tempfile.mkdtemp(prefix="j", dir=os.environ["RAY_TMPDIR"])
-    return dict(os.environ, RAY_ADDRESS="local", RAY_TMPDIR=temp)
-
-
-def predict(crawl, model, out, tmp_path, *extra):
+def predict(crawl, model, out, *extra):
+    """A whole run, as a subprocess (its stdout and stderr as a user sees them) on the session's Ray."""
     args = ["--input", str(crawl), "--model", str(model), "--output", str(out), "--batch-size", "32", *extra]
-    return run_script("jobs/batch_predict.py", *args, env=job_env(tmp_path), timeout=900)
+    return run_script("jobs/batch_predict.py", *args, env=session_env(), timeout=900)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(crawl, slow_model, tmp_path_factory):
+def uninterrupted(crawl, slow_model, ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    proc = predict(crawl, slow_model, tmp / "pred.csv", tmp)
+    proc = predict(crawl, slow_model, tmp / "pred.csv")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "pred.csv", proc
 
@@ -179,53 +160,23 @@ def uninterrupted(crawl, slow_model, tmp_path_factory):
 def test_progress_goes_to_stderr_as_plain_lines_off_a_terminal(uninterrupted):
     _, proc = uninterrupted
     lines = [line for line in proc.stderr.splitlines() if PROGRESS_LINE.match(line)]
-    assert len(lines) >= 2 and PROGRESS_LINE.match(lines[-1]).group(1) == "3001"
+    assert len(lines) >= 2 and PROGRESS_LINE.match(lines[-1]).group(1) == str(CRAWL_IMAGES + 1)
     assert "\r" not in proc.stderr and "[#" not in proc.stderr
     assert (
-        "predicted 3000 images" in proc.stdout and "1 files failed" in proc.stdout and "1 files ignored" in proc.stdout
+        f"predicted {CRAWL_IMAGES} images" in proc.stdout
+        and "1 files failed" in proc.stdout
+        and "1 files ignored" in proc.stdout
     )
-
-
-def _wait_for(condition, proc, timeout=600):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, "the job ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.2)
-
-
-def _still_running(marker: str) -> bool:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                    return True
-            except OSError:
-                pass
-    return False
 
 
 @pytest.mark.slow
 def test_a_killed_driver_is_resumed_redoing_only_unfinished_work(crawl, slow_model, uninterrupted, tmp_path):
+    """The job's own local Ray is lost with its driver (all SIGKILLed: a lost machine);
+    --resume on a new Ray redoes only what was not committed."""
     out = tmp_path / "pred.csv"
-    checkpoint = Path(str(out) + ".partial") / "checkpoint"
     args = ["--input", str(crawl), "--model", str(slow_model), "--output", str(out), "--batch-size", "32"]
-    env = job_env(tmp_path)
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "jobs/batch_predict.py", *args], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            committed = lambda: (
-                checkpoint.is_dir()
-                and any(p.suffix == ".parquet" and ".pending" not in p.name for p in checkpoint.iterdir())
-            )
-            _wait_for(committed, proc)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and what it started: a lost machine
-            proc.wait()
-    deadline = time.time() + 60  # Ray's workers notice their raylet is gone within seconds
-    while _still_running(env["RAY_TMPDIR"]) and time.time() < deadline:
-        time.sleep(0.5)
+    env = own_ray_env()
+    kill_after_first_commit(args, out, env, tmp_path / "first.log")
     assert not out.exists()
 
     # Without --resume the partial run is refused, not mixed in or thrown away.
@@ -237,13 +188,13 @@ def test_a_killed_driver_is_resumed_redoing_only_unfinished_work(crawl, slow_mod
     before, now = map(
         int, re.search(r"resumed: (\d+) files were done by the interrupted run, (\d+) now", resumed.stdout).groups()
     )
-    assert before >= 32 and before + now == 3001 and now < 3001  # less work than a whole run
+    assert before >= 32 and before + now == CRAWL_IMAGES + 1 and now < CRAWL_IMAGES + 1  # less work than a whole run
 
     # The same file an uninterrupted run writes, row for row. (Confidences are compared to
     # 2e-6: batches are grouped differently after a resume, and a CPU matmul's last bits
     # can depend on the batch.)
     expected, got = read_csv(uninterrupted[0]), read_csv(out)
-    assert [r["path"] for r in got] == [r["path"] for r in expected] and len(got) == 3001
+    assert [r["path"] for r in got] == [r["path"] for r in expected] and len(got) == CRAWL_IMAGES + 1
     for g, e in zip(got, expected, strict=True):
         assert (g["predicted_category"], g["error"]) == (e["predicted_category"], e["error"])
         assert g["confidence"] == e["confidence"] or abs(float(g["confidence"]) - float(e["confidence"])) <= 2e-6
@@ -253,7 +204,7 @@ def test_a_killed_driver_is_resumed_redoing_only_unfinished_work(crawl, slow_mod
 @pytest.mark.slow
 def test_parquet_output_holds_what_the_csv_holds(crawl, slow_model, uninterrupted, tmp_path):
     out = tmp_path / "pred.parquet"
-    proc = predict(crawl, slow_model, out, tmp_path, "--quiet")
+    proc = predict(crawl, slow_model, out, "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not [line for line in proc.stderr.splitlines() if PROGRESS_LINE.match(line)]  # --quiet
     table = pq.read_table(out)
@@ -270,18 +221,8 @@ def test_parquet_output_holds_what_the_csv_holds(crawl, slow_model, uninterrupte
 def table_run(shared_data, tmp_path):
     """768 rows (three blocks of 256 at the model's 224x224 decode size) of a product
     export: keys with leading zeros, absolute paths, some listed twice, one missing; and
-    a random ViT-tiny slow enough that the run can be killed between two blocks."""
-    import torch
-
-    from fashion_vit.config import MASTER_CATEGORIES, TrainConfig
-    from fashion_vit.model import create_model, save_checkpoint
-    from fashion_vit.transforms import Preprocessing
-
-    torch.manual_seed(0)
-    model, (mean, std) = create_model(
-        TrainConfig(from_scratch=True, vit_size="tiny", image_size=128), list(MASTER_CATEGORIES)
-    )
-    save_checkpoint(str(tmp_path / "m.pth"), model, Preprocessing(128, (224, 224), mean, std), {}, {})
+    a random ViT-tiny at 64 px: the run can be killed between two blocks."""
+    random_model(tmp_path / "m.pth", 64, (224, 224))
     images = sorted((shared_data / "images").iterdir())[3000:3760]
     paths = [str(p) for p in images] + [str(p) for p in images[:7]] + [str(tmp_path / "gone.jpg")]
     table = tmp_path / "export.csv"
@@ -297,28 +238,13 @@ def test_a_killed_table_run_resumes_with_every_row_once_in_order(table_run, ray_
     """The driver is killed after its first block is committed, on the session's Ray (a
     cluster whose driver died); --resume with the same table and columns finishes the
     rest, and the output joins back to the table on its key, no row missing or doubled."""
-    import ray
-
     from jobs import batch_predict
 
     table, model, rows = table_run
     out = tmp_path / "pred.csv"
-    checkpoint = Path(str(out) + ".partial") / "checkpoint"
     args = ["--input-table", str(table), "--path-column", "image", "--keep-columns", "sku",
             "--model", str(model), "--output", str(out), "--batch-size", "64"]  # fmt: skip
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "jobs/batch_predict.py", *args], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            committed = lambda: (
-                checkpoint.is_dir()
-                and any(p.suffix == ".parquet" and ".pending" not in p.name for p in checkpoint.iterdir())
-            )
-            _wait_for(committed, proc)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    kill_after_first_commit(args, out, session_env(), tmp_path / "first.log")
     assert not out.exists()
 
     # A resume with other columns is another job: refused, like one without --resume.

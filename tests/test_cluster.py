@@ -56,7 +56,7 @@ def test_a_client_without_the_token_is_refused(cluster):
 def test_both_jobs_with_default_flags_on_nodes_that_each_have_cpus(cluster, samples, tmp_path):
     out = tmp_path / "results"
     data = str(samples["train"])
-    tune = submit(cluster, sys.executable, "jobs/tune.py", "--data-dir", data, *TINY_ARGS, "--limit", "600",
+    tune = submit(cluster, sys.executable, "jobs/tune.py", "--data-dir", data, *TINY_ARGS, "--limit", "300",
                   "--epochs", "2", "--output-dir", str(out))  # fmt: skip
     assert tune.returncode == 0 and "succeeded" in tune.stdout.lower(), tune.stdout[-4000:] + tune.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 from fashion_vit.config import MASTER_CATEGORIES, ConfigError, TrainConfig
 from fashion_vit.data import DataError, load_data, read_styles_csv, stratified_sample, stratified_split
 from fashion_vit.transforms import image_bytes
-from tests.conftest import run_script
+from tests.conftest import run_main, run_script
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 
@@ -123,13 +123,13 @@ def test_stratified_sample_keeps_class_shares():
         (["--image-size", "100"], "multiple of the patch size"),
     ],
 )
-def test_invalid_flags_exit_2_with_one_line(flags, message, shared_data):
+def test_invalid_flags_exit_2_with_one_line(flags, message, shared_data, capsys):
+    from jobs import tune as tune_job
+
     argv = ["--data-dir", str(shared_data), *flags] if "--data-dir" not in flags else flags
-    proc = run_script("jobs/tune.py", *argv, timeout=120)
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) <= 2  # argparse adds its usage line
+    code, err = run_main(tune_job.main, argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2  # argparse adds its usage line
 
 
 def test_config_validate_rejects_bad_values():

@@ -7,10 +7,7 @@ import csv
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +16,12 @@ import torch
 from PIL import Image
 
 from fashion_vit import export
-from fashion_vit.config import MASTER_CATEGORIES, PredictConfig, TrainConfig
+from fashion_vit.config import PredictConfig
 from fashion_vit.engines import EngineError, create_forward
-from fashion_vit.model import create_model, load_checkpoint, save_checkpoint
+from fashion_vit.model import load_checkpoint
 from fashion_vit.predict import Predictor, open_work
-from fashion_vit.transforms import Preprocessing, decode_image
-from tests.conftest import ROOT, run_script
+from fashion_vit.transforms import decode_image
+from tests.conftest import kill_after_first_commit, random_model, run_script, session_env
 
 
 def read_csv(path):
@@ -44,14 +41,6 @@ def predict_in_process(model, paths, engine="torch", size=None) -> dict:
     source = size or predictor.prep.source_size
     images = np.stack([decode_image(p.read_bytes(), source) for p in paths])
     return predictor({"image": images})
-
-
-def random_model(path: Path, image_size: int = 32, source_size=(80, 60), seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    cfg = TrainConfig(from_scratch=True, vit_size="tiny", image_size=image_size)
-    model, (mean, std) = create_model(cfg, list(MASTER_CATEGORIES))
-    save_checkpoint(str(path), model, Preprocessing(image_size, source_size, mean, std), {}, {})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +148,11 @@ def test_batch_predict_with_an_engine_matches_eager_pytorch(engine, trained, sam
 
 @pytest.fixture(scope="module")
 def slow_onnx(tmp_path_factory, shared_data):
-    """A random ViT-tiny at 128 px exported to ONNX, decoding at 240x180 so that blocks
+    """A random ViT-tiny at 64 px exported to ONNX, decoding at 240x180 so that blocks
     hold ~260 rows: a run of 1,200 images commits several shards, slowly enough to be
     killed between them."""
     folder = tmp_path_factory.mktemp("slow-onnx")
-    saved = load_checkpoint(str(random_model(folder / "vit_model.pth", 128, (240, 180))))
+    saved = load_checkpoint(str(random_model(folder / "vit_model.pth", 64, (240, 180))))
     path = folder / "model.onnx"
     path.write_bytes(export.to_onnx_model(saved, str(folder / "vit_model.pth")).data)
     crawl = folder / "crawl"
@@ -174,29 +163,13 @@ def slow_onnx(tmp_path_factory, shared_data):
 
 
 @pytest.mark.slow
-def test_a_killed_onnx_run_is_resumed_with_the_same_engine(slow_onnx, tmp_path):
-    from tests.test_batch_scale import _still_running, _wait_for, job_env
-
+def test_a_killed_onnx_run_is_resumed_with_the_same_engine(slow_onnx, ray_session, tmp_path):
+    """The driver is killed on the session's Ray (a cluster whose driver died)."""
     model, crawl = slow_onnx
     out = tmp_path / "pred.csv"
-    checkpoint = Path(str(out) + ".partial") / "checkpoint"
     args = ["--input", str(crawl), "--model", str(model), "--output", str(out), "--engine", "onnx", "--quiet"]
-    env = job_env(tmp_path)
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "jobs/batch_predict.py", *args], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            committed = lambda: (
-                checkpoint.is_dir()
-                and any(p.suffix == ".parquet" and ".pending" not in p.name for p in checkpoint.iterdir())
-            )
-            _wait_for(committed, proc, timeout=300)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    deadline = time.time() + 60
-    while _still_running(env["RAY_TMPDIR"]) and time.time() < deadline:
-        time.sleep(0.5)
+    env = session_env()
+    kill_after_first_commit(args, out, env, tmp_path / "first.log", timeout=300)
     job = json.loads((Path(str(out) + ".partial") / "job.json").read_text())
     assert job["engine"] == "onnx" and not out.exists()
 

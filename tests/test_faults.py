@@ -75,6 +75,8 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(samples, tmp_path)
         "--data-dir",
         str(samples["train"]),
         *TINY_ARGS,
+        "--limit",
+        "600",
         "--epochs",
         "3",
         "--output-dir",

@@ -15,7 +15,7 @@ from PIL import Image
 from fashion_vit.model import load_checkpoint
 from fashion_vit.predict import PredictError, list_images
 from fashion_vit.transforms import decode_image, preprocess
-from tests.conftest import Exploit, run_script
+from tests.conftest import Exploit, run_main
 
 
 def read_csv(path):
@@ -132,18 +132,19 @@ def test_predictions_on_unseen_real_images_beat_the_majority_class(trained, samp
     assert correct / len(rows) > majority / len(rows) + 0.1, (correct, majority, len(rows))
 
 
-def run_cli(*args):
-    return run_script("jobs/batch_predict.py", *args)
+def run_cli(capsys, *args) -> tuple[int, str]:
+    from jobs import batch_predict
+
+    return run_main(batch_predict.main, list(args), capsys)
 
 
-def test_malicious_model_file_is_refused(tmp_path, messy_tree):
+def test_malicious_model_file_is_refused(tmp_path, messy_tree, capsys):
     root, _, _ = messy_tree
     evil = tmp_path / "evil.pth"
     marker = tmp_path / "pwned"
     evil.write_bytes(pickle.dumps({"format": "fashion-vit/1", "x": Exploit(marker)}))
-    proc = run_cli("--input", str(root), "--model", str(evil), "--output", str(tmp_path / "p.csv"))
-    assert proc.returncode == 1
-    assert "refused" in proc.stderr and "Traceback" not in proc.stderr
+    code, err = run_cli(capsys, "--input", str(root), "--model", str(evil), "--output", str(tmp_path / "p.csv"))
+    assert code == 1 and "refused" in err and "Traceback" not in err
     assert not marker.exists() and not (tmp_path / "p.csv").exists()
 
 
@@ -157,7 +158,7 @@ def test_malicious_model_file_is_refused(tmp_path, messy_tree):
         ("output-under-a-file", 2, "not writable"),
     ],
 )
-def test_bad_input_gives_one_line_and_non_zero_exit(case, code, message, tmp_path, trained):
+def test_bad_input_gives_one_line_and_non_zero_exit(case, code, message, tmp_path, trained, capsys):
     model = str(trained / "vit_model.pth")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -169,10 +170,9 @@ def test_bad_input_gives_one_line_and_non_zero_exit(case, code, message, tmp_pat
         "no-images": ["--input", str(empty), "--model", model, "--output", str(tmp_path / "o.csv")],
         "output-under-a-file": ["--input", str(empty), "--model", model, "--output", str(tmp_path / "afile" / "o.csv")],
     }[case]
-    proc = run_cli(*args)
-    assert proc.returncode == code, proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    got, err = run_cli(capsys, *args)
+    assert got == code, err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_an_interrupted_merge_keeps_the_previous_output(tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_ARGS
-from tests.test_nodes import expected_predictions, random_model, reported_epochs
+from tests.conftest import ROOT, TINY_ARGS, expected_predictions, random_model, session_env
+from tests.test_nodes import reported_epochs
 
 # --- the pieces, without Ray ------------------------------------------------------------------
 
@@ -157,11 +157,11 @@ def stop_with_sigterm(proc: subprocess.Popen, log: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigterm_to_tune_saves_the_experiment_and_the_printed_command_continues_it(samples, tmp_path):
+def test_sigterm_to_tune_saves_the_experiment_and_the_printed_command_continues_it(samples, ray_session, tmp_path):
     out, name = tmp_path / "results", "fashion-vit-sigterm"
     args = ["--data-dir", str(samples["train"]), *TINY_ARGS, "--limit", "400", "--epochs", "3",
             "--output-dir", str(out), "--name", name]  # fmt: skip
-    env = dict(os.environ, RAY_ADDRESS="local")
+    env = session_env()
     reported = lambda: reported_epochs(out, name)
     proc = run_until([sys.executable, "jobs/tune.py", *args], env, tmp_path / "first.log", reported)
     done = reported()
@@ -185,14 +185,13 @@ def test_sigterm_to_tune_saves_the_experiment_and_the_printed_command_continues_
 def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_command_continues_it(
     samples, ray_session, tmp_path
 ):
-    """5,400 files, more than one block (4,096 rows for this model): the first block is
-    committed before the notice, and only the rest is predicted by the next run."""
-    import ray
-
-    model = random_model(tmp_path / "vit_model.pth", 32, (32, 24))
-    images = sorted((samples["train"] / "images").iterdir()) + sorted((samples["holdout"] / "images").iterdir())
+    """1,800 files in blocks of 256 rows (the model decodes at 224x224): the blocks done
+    or in hand when the notice comes are committed, and only the rest is predicted by
+    the next run."""
+    model = random_model(tmp_path / "vit_model.pth", 64, (224, 224))
+    images = sorted((samples["train"] / "images").iterdir())[:600]
     inputs = []
-    for copy in range(3):  # three folders of links to the same 1,800 real images
+    for copy in range(3):  # three folders of links to the same 600 real images
         folder = tmp_path / f"copy{copy}"
         folder.mkdir()
         for image in images:
@@ -200,7 +199,7 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
         inputs.append(str(folder))
     out = tmp_path / "pred.csv"
     args = [*(a for d in inputs for a in ("--input", d)), "--model", str(model), "--output", str(out)]
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    env = session_env()
     checkpoint = tmp_path / "pred.csv.partial" / "checkpoint"
     committed = lambda: [p for p in checkpoint.glob("*.parquet") if ".pending" not in p.name]
     proc = run_until([sys.executable, "jobs/batch_predict.py", *args], env, tmp_path / "first.log", committed)
@@ -208,11 +207,11 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
     assert command == [sys.executable, "jobs/batch_predict.py", *args, "--resume"]
     message = next(line for line in (tmp_path / "first.log").read_text().splitlines() if "stopped by SIGTERM" in line)
     done = int(message.split("stopped by SIGTERM: ")[1].split()[0])
-    assert 0 < done < 5400 and not out.exists()
+    assert 0 < done < 1800 and not out.exists()
 
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resumed: {done} files were done by the interrupted run, {5400 - done} now" in resumed.stdout
+    assert f"resumed: {done} files were done by the interrupted run, {1800 - done} now" in resumed.stdout
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert [r["path"] for r in rows] == sorted(str(Path(d) / i.name) for d in inputs for i in images)

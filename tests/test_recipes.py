@@ -21,7 +21,7 @@ from fashion_vit.config import (
 from fashion_vit.train import class_weights
 from fashion_vit.tune import baseline, search_space
 from jobs.tune import parse_args
-from tests.conftest import run_script
+from tests.conftest import run_main
 
 
 def _recipe_values(cfg: TrainConfig) -> dict:
@@ -97,11 +97,13 @@ def test_explicit_flags_win_over_the_recipe():
     assert cfg.from_scratch and (cfg.lr, cfg.epochs, cfg.image_size, cfg.vit_size) == (2e-5, 3, 224, "tiny")
 
 
-def test_scratch_recipe_with_pretrained_weights_is_refused_in_one_line(tmp_path):
+def test_scratch_recipe_with_pretrained_weights_is_refused_in_one_line(tmp_path, capsys):
+    from jobs import tune as tune_job
+
     with pytest.raises(ConfigError, match="random weights"):
         parse_args(["--recipe", "scratch", "--model", str(tmp_path)])
-    proc = run_script("jobs/tune.py", "--recipe", "scratch", "--model", str(tmp_path), timeout=120)
-    assert proc.returncode == 2 and "random weights" in proc.stderr and "Traceback" not in proc.stderr
+    code, err = run_main(tune_job.main, ["--recipe", "scratch", "--model", str(tmp_path)], capsys)
+    assert code == 2 and "random weights" in err and "Traceback" not in err
 
 
 def test_search_spaces_vary_what_each_recipe_needs():

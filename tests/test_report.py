@@ -14,7 +14,7 @@ from fashion_vit.config import MASTER_CATEGORIES, TrainConfig
 from fashion_vit.data import load_data, stratified_split
 from fashion_vit.model import ModelError, create_model, load_checkpoint
 from fashion_vit.transforms import decode_image, image_bytes, preprocess
-from tests.conftest import make_kaggle_folder, run_script
+from tests.conftest import make_kaggle_folder, run_main, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -125,11 +125,10 @@ def test_init_from_with_other_labels_needs_reinit_head(trained):
     torch.testing.assert_close(model.state_dict()[key], saved.state_dict()[key])
 
 
-def test_init_from_label_mismatch_is_one_line_from_the_job(trained, samples):
+def test_init_from_label_mismatch_is_one_line_from_the_job(trained, samples, capsys):
+    from jobs import tune as tune_job
+
     data, model = str(samples["train"]), str(trained / "vit_model.pth")
-    proc = run_script(
-        "jobs/tune.py", "--data-dir", data, "--label-column", "subCategory", "--init-from", model, "--image-size", "32"
-    )
-    assert proc.returncode == 1
-    assert "--reinit-head" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    argv = ["--data-dir", data, "--label-column", "subCategory", "--init-from", model, "--image-size", "32"]
+    code, err = run_main(tune_job.main, argv, capsys)
+    assert code == 1 and "--reinit-head" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
