@@ -170,16 +170,19 @@ def test_progress_goes_to_stderr_as_plain_lines_off_a_terminal(uninterrupted):
 
 
 @pytest.mark.slow
-def test_a_killed_driver_is_resumed_redoing_only_unfinished_work(crawl, slow_model, uninterrupted, tmp_path):
+def test_a_killed_driver_is_resumed_redoing_only_unfinished_work(
+    crawl, slow_model, uninterrupted, ray_session, tmp_path
+):
     """The job's own local Ray is lost with its driver (all SIGKILLed: a lost machine);
-    --resume on a new Ray redoes only what was not committed."""
+    --resume on another Ray redoes only what was not committed."""
     out = tmp_path / "pred.csv"
     args = ["--input", str(crawl), "--model", str(slow_model), "--output", str(out), "--batch-size", "32"]
-    env = own_ray_env()
-    kill_after_first_commit(args, out, env, tmp_path / "first.log")
+    kill_after_first_commit(args, out, own_ray_env(), tmp_path / "first.log")
     assert not out.exists()
 
-    # Without --resume the partial run is refused, not mixed in or thrown away.
+    # The machine is back, with another Ray (the session's): without --resume the
+    # partial run is refused, not mixed in or thrown away.
+    env = session_env()
     refused = run_script("jobs/batch_predict.py", *args, env=env)
     assert refused.returncode == 2 and "--resume" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
