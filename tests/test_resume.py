@@ -87,12 +87,13 @@ def test_a_resumed_optuna_search_continues_from_the_trials_it_had_seen(samples, 
     assert again.returncode == 2 and "--resume" in again.stderr
 
     resumed = subprocess.run([*argv, "--resume"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    (tmp_path / "resumed.log").write_text(resumed.stdout + resumed.stderr)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     searcher = read_searcher(str(storage / "fashion-vit-optuna"))
     first_pid = searcher.suggestions[0]["pid"]
     made_before = [s["trial_id"] for s in searcher.suggestions if s["pid"] == first_pid]
     made_after = [s for s in searcher.suggestions if s["pid"] != first_pid]
-    assert made_before == [s["trial_id"] for s in before]
+    assert made_before == [s["trial_id"] for s in before], (searcher.suggestions, resumed.stderr[-4000:])
     assert made_after, "the resumed search suggested nothing"
     # Its first suggestion came once every trial of the first run had finished (the one
     # running at the kill continued from its checkpoint), and it knew of all of them.
