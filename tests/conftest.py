@@ -111,14 +111,22 @@ def kill_after_first_commit(args: list[str], output: Path, env: dict, log: Path,
 
 
 def _still_running(marker: str) -> bool:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                    return True
-            except OSError:
-                pass
-    return False
+    return any(marker in cmd for _, cmd in process_table().values())
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process we can read."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+        except OSError:
+            continue
+        table[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmd)
+    return table
 
 
 def random_model(path: Path, image_size: int = 32, source_size=(80, 60), seed: int = 0) -> Path:

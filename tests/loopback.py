@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from tests.cluster_client import REPLY
-from tests.conftest import ROOT
+from tests.conftest import ROOT, process_table
 
 RAY = str(Path(sys.executable).with_name("ray"))
 STARTUP_S = 600  # for a node to come up on 2 loaded cores (seen: over 3 minutes for the head's job agent)
@@ -62,6 +62,7 @@ class LoopbackCluster:
         self.env["RAY_API_SERVER_ADDRESS"] = self.address
         self.nodes: dict[str, subprocess.Popen] = {}
         self.client: subprocess.Popen | None = None
+        self.jobs: dict[str, subprocess.Popen] = {}  # submission id -> its `ray job submit`
         self._args: dict[str, list[str]] = {}
 
     # --- nodes -------------------------------------------------------------------------
@@ -148,7 +149,7 @@ class LoopbackCluster:
         """The node's processes: its `ray start`, those started with its temp dir (the
         raylet first), and everything they started (the workers, renamed `ray::...`)."""
         marker = self.temp_dir(name) + "/"
-        table = _process_table()
+        table = process_table()
         own = [pid for pid, (_, cmd) in table.items() if marker in cmd]
         own.sort(key=lambda pid: "raylet" not in table[pid][1])
         found = [self.nodes[name].pid, *own]
@@ -218,34 +219,31 @@ class LoopbackCluster:
     def submit(self, *entrypoint: str, log: Path) -> subprocess.Popen:
         """`ray job submit` in the background: it prints the job's output to `log` and
         exits with the job's success."""
+        job_id = f"fv-test-{secrets.token_hex(4)}"
         with open(log, "w") as f:
-            return subprocess.Popen(
-                [RAY, "job", "submit", "--address", self.address, "--working-dir", str(ROOT), "--", *entrypoint],
+            self.jobs[job_id] = subprocess.Popen(
+                [RAY, "job", "submit", "--address", self.address, "--submission-id", job_id,
+                 "--working-dir", str(ROOT), "--", *entrypoint],
                 cwd=ROOT,
                 env=self.env,
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )
+            )  # fmt: skip
+        return self.jobs[job_id]
 
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process we can read."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
-        except OSError:
-            continue
-        table[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmd)
-    return table
+    def stop_jobs(self) -> None:
+        """Stop every submitted job still running (`ray job stop` waits for it to end)."""
+        for job_id, client in self.jobs.items():
+            if client.poll() is None:
+                self.ray("job", "stop", "--address", self.address, job_id)
+                client.kill()
+                client.wait(timeout=30)
+        self.jobs.clear()
 
 
 def _kill_leftovers(marker: str) -> None:
-    for pid, (_, cmdline) in _process_table().items():
+    for pid, (_, cmdline) in process_table().items():
         if marker in cmdline:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -13,23 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_ARGS
+from tests.conftest import ROOT, TINY_ARGS, process_table
 
 pytestmark = pytest.mark.slow
 
 
 def ray_pids(name: str, exclude: set[int] = frozenset()) -> set[int]:
     """Processes whose title starts with `ray::<name>` (Ray renames its workers so)."""
-    found = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) not in exclude:
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if cmd.startswith(f"ray::{name}"):
-                found.add(int(pid))
-    return found
+    return {pid for pid, (_, cmd) in process_table().items() if pid not in exclude and cmd.startswith(f"ray::{name}")}
 
 
 def wait_for(condition, proc, log: Path, timeout: float = 600):
