@@ -101,7 +101,7 @@ def test_optuna_search_exports_the_best_pictures_the_search_and_logs_every_trial
         "--search",
         "optuna",
         "--num-samples",
-        "2",
+        "1",
         "--epochs",
         "2",
         "--max-concurrent-trials",
@@ -116,11 +116,11 @@ def test_optuna_search_exports_the_best_pictures_the_search_and_logs_every_trial
     assert tune_job.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     trials, best = summary["trials"], summary["best"]
-    assert [t["trial_number"] for t in trials] == [1, 2, 3]
+    assert [t["trial_number"] for t in trials] == [1, 2]
     assert trials[0]["config"]["lr"] == pytest.approx(RECIPES["scratch"]["lr"])  # the baseline is the first trial
-    assert len({t["config"]["lr"] for t in trials}) == 3
+    assert len({t["config"]["lr"] for t in trials}) == 2
     # One trial at a time: each was suggested once every earlier trial had finished.
-    assert [t["searcher_had_seen"] for t in trials] == [0, 1, 2]
+    assert [t["searcher_had_seen"] for t in trials] == [0, 1]
     assert best["trial_number"] == next(t["trial_number"] for t in trials if t["trial_id"] == best["trial_id"])
     assert best["val"]["val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
     assert summary["search_space"] == describe_space(search_space(parse_args(argv)))
@@ -128,7 +128,7 @@ def test_optuna_search_exports_the_best_pictures_the_search_and_logs_every_trial
     assert_png(out / "search.png", 1200, 300)
     card = (out / "report.md").read_text()
     assert "search.png" in card
-    table = card[card.index("| # | trial |") :].splitlines()[2:5]
+    table = card[card.index("| # | trial |") :].splitlines()[2:4]
     assert [row.split(" | ")[1] for row in table] == [
         t["trial_id"] for t in sorted(trials, key=lambda t: -t["best_val_accuracy"])
     ]
@@ -141,7 +141,7 @@ def test_optuna_search_exports_the_best_pictures_the_search_and_logs_every_trial
     client = MlflowClient(f"sqlite:///{database}")
     experiment = client.get_experiment_by_name("search-test")
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 3
+    assert len(runs) == 2
     name = summary["experiment"].rsplit("/", 1)[-1]
     by_trial = {r.data.tags["trial_name"].rsplit("_", 1)[-1]: r for r in runs}
     assert set(by_trial) == {t["trial_id"] for t in trials}
