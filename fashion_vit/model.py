@@ -1,5 +1,6 @@
-"""The ViT classifier: build it (hub id, local folder, or from scratch) and the
-`vit_model.pth` format, `SavedModel`: this module is the only place that knows it.
+"""The ViT classifier: the network (`ViTClassifier`), building it (hub id, local folder,
+or from scratch) and the `vit_model.pth` format, `SavedModel`: this module is the only
+place that knows it.
 
 A checkpoint is a plain dict of tensors, strings and numbers, so it loads with
 `torch.load(..., weights_only=True)`: opening a model file never runs code.
@@ -11,9 +12,14 @@ import json
 import math
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import partial
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from fashion_vit.config import FashionVitError, TrainConfig
@@ -28,8 +34,133 @@ VIT_DIMS = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
 DEFAULT_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+# transformers' ViTConfig defaults: a vit_config dict may leave any of them out.
+VIT_DEFAULTS = {
+    "model_type": "vit",
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-12,
+    "image_size": 224,
+    "patch_size": 16,
+    "num_channels": 3,
+    "qkv_bias": True,
+}
+# transformers' names for the activations ViT checkpoints use.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+}
+
+
 class ModelError(FashionVitError):
     """The model or a checkpoint could not be had."""
+
+
+class ClassifierOutput(NamedTuple):
+    logits: torch.Tensor
+
+
+class ViTClassifier(nn.Module):
+    """transformers' ViTForImageClassification in plain torch: the same layers, parameter
+    names, initialisation and arithmetic (scaled-dot-product attention), called the same
+    way (`model(pixel_values=x).logits`), so a vit_model.pth is the same file either way.
+    Train workers, predictor actors and Serve replicas build it without importing
+    transformers, which would cost each of those processes seconds of start-up
+    (docs/training.md); only reading a hub checkpoint or a save_pretrained folder needs it.
+
+    `config` is a transformers ViTConfig as a dict (missing keys take its defaults), and
+    `model.config` the same values as attributes, with id2label keyed by int."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        c = SimpleNamespace(**{**VIT_DEFAULTS, **config})
+        c.id2label = {int(k): v for k, v in c.id2label.items()}
+        c.label2id = {v: k for k, v in c.id2label.items()}
+        c.num_labels = len(c.id2label)
+        if c.hidden_act not in ACTIVATIONS:
+            raise ModelError(f"a ViT with activation {c.hidden_act!r} is not supported (only {sorted(ACTIVATIONS)})")
+        self.config = c
+        d, grid = c.hidden_size, c.image_size // c.patch_size
+        self.vit = nn.Module()
+        self.vit.embeddings = nn.Module()
+        self.vit.embeddings.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.vit.embeddings.position_embeddings = nn.Parameter(torch.zeros(1, 1 + grid * grid, d))
+        self.vit.embeddings.patch_embeddings = nn.Module()
+        self.vit.embeddings.patch_embeddings.projection = nn.Conv2d(c.num_channels, d, c.patch_size, c.patch_size)
+        self.vit.layers = nn.ModuleList(_Block(c) for _ in range(c.num_hidden_layers))
+        self.vit.layernorm = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.classifier = nn.Linear(d, c.num_labels)
+        self._initialise(c.initializer_range)
+
+    def _initialise(self, std: float) -> None:
+        """As transformers initialises a new ViT (what the scratch recipes were tuned with)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:  # qkv_bias=False
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.vit.embeddings.position_embeddings, std=std)
+        nn.init.trunc_normal_(self.vit.embeddings.cls_token, std=std)
+
+    def set_attn_implementation(self, name: str) -> None:
+        """ "sdpa" (the default: torch's fused kernel) or "eager" (MatMul and Softmax, the
+        same maths, which ONNX Runtime fuses better: engines.to_onnx), as in transformers."""
+        if name not in ("sdpa", "eager"):
+            raise ValueError(f"attention implementation {name!r}: 'sdpa' or 'eager'")
+        for block in self.vit.layers:
+            block.sdpa = name == "sdpa"
+
+    def forward(self, pixel_values: torch.Tensor) -> ClassifierOutput:
+        e, dropout = self.vit.embeddings, self.config.hidden_dropout_prob
+        x = e.patch_embeddings.projection(pixel_values.to(e.cls_token.dtype)).flatten(2).transpose(1, 2)
+        x = torch.cat([e.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + e.position_embeddings
+        x = F.dropout(x, dropout, self.training)
+        for block in self.vit.layers:
+            x = block(x)
+        return ClassifierOutput(self.classifier(self.vit.layernorm(x)[:, 0]))
+
+
+class _Block(nn.Module):
+    """One pre-norm encoder layer, named as transformers 5 names ViTLayer's parameters."""
+
+    def __init__(self, c: SimpleNamespace):
+        super().__init__()
+        d = c.hidden_size
+        self.heads, self.act, self.sdpa = c.num_attention_heads, ACTIVATIONS[c.hidden_act], True
+        self.dropout, self.attention_dropout = c.hidden_dropout_prob, c.attention_probs_dropout_prob
+        self.layernorm_before = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.attention = nn.ModuleDict(
+            {name: nn.Linear(d, d, bias=c.qkv_bias) for name in ("q_proj", "k_proj", "v_proj")}
+        )
+        self.attention["o_proj"] = nn.Linear(d, d)
+        self.layernorm_after = nn.LayerNorm(d, eps=c.layer_norm_eps)
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(d, c.intermediate_size), "fc2": nn.Linear(c.intermediate_size, d)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.layernorm_before(x)
+        q, k, v = [
+            self.attention[p](h).view(b, n, self.heads, -1).transpose(1, 2) for p in ("q_proj", "k_proj", "v_proj")
+        ]
+        p_drop = self.attention_dropout if self.training else 0.0
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
+        else:
+            weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1, dtype=torch.float32).to(q.dtype)
+            a = F.dropout(weights, p_drop, self.training) @ v
+        x = x + F.dropout(self.attention["o_proj"](a.transpose(1, 2).reshape(b, n, d)), self.dropout, self.training)
+        h = self.mlp["fc2"](self.act(self.mlp["fc1"](self.layernorm_after(x))))
+        return x + F.dropout(h, self.dropout, self.training)
 
 
 def create_model(cfg: TrainConfig, labels: list[str], init: SavedModel | None = None):
@@ -39,25 +170,21 @@ def create_model(cfg: TrainConfig, labels: list[str], init: SavedModel | None = 
 
     Returns (model, (mean, std)): the normalisation the backbone was trained with.
     """
-    from transformers import ViTConfig, ViTForImageClassification
-
     if init is not None:
         prep = init.preprocessing
         return _continue_from(init, labels, cfg), (prep.mean, prep.std)
     if cfg.from_scratch:
         hidden, heads = VIT_DIMS[cfg.vit_size]
-        config = ViTConfig(
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_hidden_layers=12,
-            intermediate_size=4 * hidden,
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-        )
-        return ViTForImageClassification(config), DEFAULT_MEAN_STD
+        config = {
+            "hidden_size": hidden,
+            "num_attention_heads": heads,
+            "num_hidden_layers": 12,
+            "intermediate_size": 4 * hidden,
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "id2label": dict(enumerate(labels)),
+        }
+        return ViTClassifier(config), DEFAULT_MEAN_STD
     init = load_pretrained(cfg.model, labels)
     return _continue_from(init, labels, cfg), (init.preprocessing.mean, init.preprocessing.std)
 
@@ -101,8 +228,6 @@ def load_pretrained(name: str, labels: list[str]) -> SavedModel:
 
 def _continue_from(init: SavedModel, labels: list[str], cfg: TrainConfig):
     """The saved model, checked against the data's label set, at cfg.image_size."""
-    import torch.nn as nn
-
     model, _ = init.build()
     saved = init.labels
     if saved != list(labels):
@@ -123,8 +248,6 @@ def _continue_from(init: SavedModel, labels: list[str], cfg: TrainConfig):
 def resize_image_size(model, image_size: int):
     """Rebuild `model` for a new input size, resampling its position embeddings bicubically
     once here (instead of interpolating them on every forward pass)."""
-    from transformers import ViTForImageClassification
-
     config = model.config
     state = model.state_dict()
     key = "vit.embeddings.position_embeddings"
@@ -134,8 +257,7 @@ def resize_image_size(model, image_size: int):
     grid = pos[:, 1:].reshape(1, n_old, n_old, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=(n_new, n_new), mode="bicubic", align_corners=False)
     state[key] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, n_new * n_new, -1)], dim=1)
-    config.image_size = image_size
-    resized = ViTForImageClassification(config)
+    resized = ViTClassifier({**vars(config), "image_size": image_size})
     resized.load_state_dict(state)
     return resized
 
@@ -172,14 +294,20 @@ class SavedModel:
 
     def build(self):
         """(model in eval mode on CPU, Preprocessing)."""
-        from transformers import ViTConfig, ViTForImageClassification
-
-        config = ViTConfig.from_dict(self.vit_config)
-        config.id2label = dict(enumerate(self.labels))
-        config.label2id = {v: k for k, v in config.id2label.items()}
-        model = ViTForImageClassification(config)
+        model = ViTClassifier({**self.vit_config, "id2label": dict(enumerate(self.labels))})
         model.load_state_dict(self.state_dict)
         return model.eval(), self.preprocessing
+
+    def to_transformers(self):
+        """The same model as transformers' ViTForImageClassification in eval mode (for its
+        save_pretrained, pipelines or push_to_hub); imports transformers."""
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig.from_dict({**self.vit_config, "id2label": dict(enumerate(self.labels))})
+        config.label2id = {label: i for i, label in enumerate(self.labels)}
+        model = ViTForImageClassification(config)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
 
     def trained_with(self) -> TrainConfig | None:
         """The TrainConfig that made it (fields this version knows), or None if unknown."""
@@ -205,9 +333,11 @@ class SavedModel:
     def from_model(cls, model, prep: Preprocessing, train_config: dict, metrics: dict) -> SavedModel:
         model = getattr(model, "module", model)  # unwrap DDP
         id2label = {int(k): v for k, v in model.config.id2label.items()}
+        config = model.config  # a ViTClassifier's, or a transformers model's (a hub checkpoint or a folder)
+        text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else json.dumps(vars(config))
         return cls(
             state_dict={k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-            vit_config=json.loads(model.config.to_json_string(use_diff=False)),
+            vit_config=json.loads(text),
             labels=[id2label[i] for i in range(len(id2label))],
             preprocessing=prep,
             train_config=train_config,

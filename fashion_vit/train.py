@@ -141,7 +141,7 @@ def _validate_and_sum(model, val_batches, prep, labels, autocast, device, world:
 
 
 def main_model(model):
-    """The ViTForImageClassification inside DDP's wrapper."""
+    """The ViTClassifier inside DDP's wrapper."""
     return getattr(model, "module", model)
 
 

@@ -3,14 +3,23 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from fashion_vit.config import TrainConfig
-from fashion_vit.model import ModelError, create_model, load_checkpoint, read_checkpoint, save_checkpoint
+from fashion_vit.model import (
+    ModelError,
+    ViTClassifier,
+    create_model,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from fashion_vit.transforms import Preprocessing
-from tests.conftest import Exploit
+from tests.conftest import ROOT, Exploit
 
 LABELS = ["Apparel", "Accessories", "Footwear"]
 PREP = Preprocessing(image_size=32, source_size=(80, 60), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -99,13 +108,17 @@ def test_non_checkpoint_files_are_refused(tmp_path):
 
 def test_a_file_in_the_first_format_still_loads(tmp_path):
     """vit_model.pth as the first release wrote it: a plain dict with these keys."""
+    from transformers import ViTConfig
+
     model, _ = create_model(TrainConfig(from_scratch=True, vit_size="tiny", image_size=32), LABELS)
+    # Its vit_config was transformers' whole ViTConfig, with keys this package never reads.
+    hf_config = ViTConfig(hidden_size=192, num_attention_heads=3, intermediate_size=768, image_size=32, num_labels=3)
     path = tmp_path / "old.pth"
     torch.save(
         {
             "format": "fashion-vit/1",
             "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
-            "vit_config": json.loads(model.config.to_json_string(use_diff=False)),
+            "vit_config": json.loads(hf_config.to_json_string(use_diff=False)),
             "id2label": {0: "Apparel", 1: "Accessories", 2: "Footwear"},
             "preprocessing": {
                 "image_size": 32,
@@ -124,3 +137,51 @@ def test_a_file_in_the_first_format_still_loads(tmp_path):
     loaded, _ = saved.build()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(pixel_values=x).logits, model.eval()(pixel_values=x).logits)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_network_is_transformers_vit_with_the_same_names_and_arithmetic(train, attention):
+    """ViTClassifier against transformers' ViTForImageClassification with the same weights:
+    the same parameter names, and the same logits (dropout is 0 in ViT's configs), with
+    either attention (the ONNX export uses eager)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                       image_size=48, patch_size=8, layer_norm_eps=1e-6, num_labels=6)  # fmt: skip
+    theirs = ViTForImageClassification(config).train(train)
+    theirs.set_attn_implementation(attention)
+    ours = ViTClassifier(json.loads(config.to_json_string(use_diff=False))).train(train)
+    ours.set_attn_implementation(attention)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 3, 48, 48)
+    torch.testing.assert_close(ours(pixel_values=x).logits, theirs(pixel_values=x).logits)
+
+
+def test_a_worker_builds_and_runs_a_saved_model_without_importing_transformers(tmp_path):
+    """What every Train worker, predictor actor and Serve replica does: importing
+    transformers would cost each of them seconds (the point of ViTClassifier)."""
+    model, _ = create_model(TrainConfig(from_scratch=True, vit_size="tiny", image_size=32), LABELS)
+    save_checkpoint(str(tmp_path / "vit_model.pth"), model, PREP, {}, {})
+    script = (
+        "import sys, torch\n"
+        "from fashion_vit.model import load_checkpoint\n"
+        f"model, _ = load_checkpoint({str(tmp_path / 'vit_model.pth')!r}).build()\n"
+        "print(model(pixel_values=torch.zeros(1, 3, 32, 32)).logits.shape[1], 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["3", "False"], out.stderr[-2000:]
+
+
+def test_a_checkpoint_becomes_a_transformers_model_with_the_same_logits(tmp_path):
+    from transformers import ViTForImageClassification
+
+    model, _ = create_model(TrainConfig(from_scratch=True, vit_size="tiny", image_size=32), LABELS)
+    save_checkpoint(str(tmp_path / "vit_model.pth"), model, PREP, {}, {})
+    load_checkpoint(str(tmp_path / "vit_model.pth")).to_transformers().save_pretrained(tmp_path / "hf")
+    theirs = ViTForImageClassification.from_pretrained(tmp_path / "hf")
+    assert theirs.config.id2label == dict(enumerate(LABELS))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(theirs(pixel_values=x).logits, model.eval()(pixel_values=x).logits)

@@ -224,9 +224,8 @@ def test_listing_recognises_extensions_in_any_case(tmp_path):
 def test_a_hugging_face_model_folder_works_as_model(trained, samples, tmp_path, ray_session):
     from jobs import batch_predict
 
-    model, _prep = load_checkpoint(str(trained / "vit_model.pth")).build()
     folder = tmp_path / "hf"
-    model.save_pretrained(folder)
+    load_checkpoint(str(trained / "vit_model.pth")).to_transformers().save_pretrained(folder)
     out = tmp_path / "pred.csv"
     assert (
         batch_predict.main(
