@@ -164,7 +164,7 @@ class _Block(nn.Module):
 
 
 def create_model(cfg: TrainConfig, labels: list[str], init: SavedModel | None = None):
-    """Build a ViTForImageClassification with a len(labels)-way head at cfg.image_size:
+    """Build a ViTClassifier with a len(labels)-way head at cfg.image_size:
     from `init` (a saved model: --init-from's, or the pretrained checkpoint as
     `load_pretrained` returned it), from scratch, or from cfg.model (hub id or folder).
 
