@@ -114,3 +114,6 @@ def test_a_resumed_optuna_search_continues_from_the_trials_it_had_seen(samples, 
     assert {p: sorted(c.name for c in p.glob("checkpoint_*")) for p in finished} == checkpoints_before
     assert all(t["epochs_run"] >= 1 for t in trials)
     assert (out / "vit_model.pth").exists()
+    # The model card's table of trials says what the searcher had seen at each suggestion.
+    card = (out / "report.md").read_text()
+    assert all(f"| {t['searcher_had_seen']} finished |" in card for t in trials), card

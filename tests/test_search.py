@@ -1,6 +1,7 @@
-"""--search optuna: TPE over the recipe's space, the baseline first; the picture of a
-search and the table of its trials; every trial tracked in MLflow with --mlflow-uri.
-Resuming a search is in tests/test_resume.py."""
+"""Searches: the Optuna searcher (TPE over the recipe's space, the baseline first), ASHA
+stopping trials early, the picture of a search and the table of its trials, and every
+trial tracked in MLflow with --mlflow-uri. One search runs here, end to end: ASHA, with
+MLflow. An Optuna search runs end to end, killed and resumed, in tests/test_resume.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fashion_vit.config import RECIPES, ConfigError, TrainConfig
 from fashion_vit.report import plot_search, stop_reason, trials_table
@@ -83,9 +85,11 @@ def test_the_trials_table_ranks_by_accuracy_and_says_why_each_trial_stopped(tmp_
 
 
 @pytest.mark.slow
-def test_optuna_search_exports_the_best_pictures_the_search_and_logs_every_trial_to_mlflow(
+def test_an_asha_search_stops_a_trial_exports_the_best_pictures_the_search_and_logs_every_trial_to_mlflow(
     samples, ray_session, tmp_path
 ):
+    """Trials run one after another, so each later trial needs the workers of an
+    ASHA-stopped one to have been released."""
     from mlflow.tracking import MlflowClient
 
     from jobs import tune as tune_job
@@ -99,11 +103,11 @@ def test_optuna_search_exports_the_best_pictures_the_search_and_logs_every_trial
         "--limit",
         "600",
         "--search",
-        "optuna",
+        "asha",
         "--num-samples",
-        "1",
+        "3",
         "--epochs",
-        "2",
+        "3",
         "--max-concurrent-trials",
         "1",
         "--output-dir",
@@ -116,32 +120,40 @@ def test_optuna_search_exports_the_best_pictures_the_search_and_logs_every_trial
     assert tune_job.main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     trials, best = summary["trials"], summary["best"]
-    assert [t["trial_number"] for t in trials] == [1, 2]
+    assert [t["trial_number"] for t in trials] == [1, 2, 3, 4]
+    assert all(t["error"] is None and t["epochs_run"] >= 1 for t in trials)
     assert trials[0]["config"]["lr"] == pytest.approx(RECIPES["scratch"]["lr"])  # the baseline is the first trial
-    assert len({t["config"]["lr"] for t in trials}) == 2
-    # One trial at a time: each was suggested once every earlier trial had finished.
-    assert [t["searcher_had_seen"] for t in trials] == [0, 1]
+    assert any(t["epochs_run"] < 3 for t in trials), [(t["epochs_run"], t["best_val_accuracy"]) for t in trials]
+    assert len({t["config"]["lr"] for t in trials}) == 4
     assert best["trial_number"] == next(t["trial_number"] for t in trials if t["trial_id"] == best["trial_id"])
     assert best["val"]["val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
     assert summary["search_space"] == describe_space(search_space(parse_args(argv)))
+    raw = torch.load(out / "vit_model.pth", weights_only=True)
+    assert raw["train_config"]["lr"] == best["config"]["lr"]
+    # The scratch recipe's search also samples the input size; the exported model and
+    # the summary carry the size its trial trained at, the one prediction must use.
+    assert {t["config"]["image_size"] for t in trials} <= {32, 48} and trials[0]["config"]["image_size"] == 32
+    assert raw["preprocessing"]["image_size"] == best["config"]["image_size"] == summary["preprocessing"]["image_size"]
+    assert raw["train_config"]["image_size"] == best["config"]["image_size"]
 
     assert_png(out / "search.png", 1200, 300)
     card = (out / "report.md").read_text()
     assert "search.png" in card
-    table = card[card.index("| # | trial |") :].splitlines()[2:4]
+    table = card[card.index("| # | trial |") :].splitlines()[2:6]
     assert [row.split(" | ")[1] for row in table] == [
         t["trial_id"] for t in sorted(trials, key=lambda t: -t["best_val_accuracy"])
     ]
     for t in trials:
-        reason = "finished" if t["epochs_run"] == 2 else "stopped by ASHA after 1 epoch(s)"
+        reason = "finished" if t["epochs_run"] == 3 else f"stopped by ASHA after {t['epochs_run']} epoch(s)"
         assert f"| {t['trial_id']} | {t['best_val_accuracy']:.4f} | {t['epochs_run']} | {reason} |" in card
 
-    # MLflow: one run per trial, tagged with the Tune experiment, its values as params and
-    # every epoch's metrics; the best trial's run holds the exported model.
+    # MLflow: one run per trial, the stopped ones too, tagged with the Tune experiment,
+    # its values as params and every epoch's metrics; the best trial's run holds the
+    # exported model.
     client = MlflowClient(f"sqlite:///{database}")
     experiment = client.get_experiment_by_name("search-test")
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 2
+    assert len(runs) == 4
     name = summary["experiment"].rsplit("/", 1)[-1]
     by_trial = {r.data.tags["trial_name"].rsplit("_", 1)[-1]: r for r in runs}
     assert set(by_trial) == {t["trial_id"] for t in trials}

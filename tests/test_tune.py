@@ -59,47 +59,6 @@ def test_baseline_exports_a_working_model_that_beats_the_majority_class(trained,
     assert len(out["predicted_category"]) == 64 and set(out["predicted_category"]) <= set(MASTER_CATEGORIES)
 
 
-def test_asha_search_stops_a_trial_early_and_every_trial_finishes(samples, ray_session, tmp_path):
-    """Trials run one after another, so each later trial needs the workers of an
-    ASHA-stopped one to have been released."""
-    from jobs import tune as tune_job
-
-    argv = [
-        "--data-dir",
-        str(samples["train"]),
-        *TINY_ARGS,
-        "--limit",
-        "600",
-        "--search",
-        "asha",
-        "--num-samples",
-        "3",
-        "--epochs",
-        "3",
-        "--max-concurrent-trials",
-        "1",
-        "--output-dir",
-        str(tmp_path),
-    ]
-    assert tune_job.main(argv) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    trials = summary["trials"]
-    assert len(trials) == 4
-    assert all(t["error"] is None and t["epochs_run"] >= 1 for t in trials)
-    assert trials[0]["config"]["lr"] == pytest.approx(RECIPES["scratch"]["lr"])  # the baseline is a trial
-    assert any(t["epochs_run"] < 3 for t in trials), [(t["epochs_run"], t["best_val_accuracy"]) for t in trials]
-    assert len({t["config"]["lr"] for t in trials}) == 4
-    best = summary["best"]
-    assert best["val"]["val_accuracy"] == max(t["best_val_accuracy"] for t in trials)
-    raw = torch.load(tmp_path / "vit_model.pth", weights_only=True)
-    assert raw["train_config"]["lr"] == best["config"]["lr"]
-    # The scratch recipe's search also samples the input size; the exported model and
-    # the summary carry the size its trial trained at, the one prediction must use.
-    assert {t["config"]["image_size"] for t in trials} <= {32, 48} and trials[0]["config"]["image_size"] == 32
-    assert raw["preprocessing"]["image_size"] == best["config"]["image_size"] == summary["preprocessing"]["image_size"]
-    assert raw["train_config"]["image_size"] == best["config"]["image_size"]
-
-
 def test_real_pretrained_weights_beat_the_same_run_from_scratch_and_predict(
     pretrained_weights, samples, ray_session, tmp_path
 ):
