@@ -1,8 +1,9 @@
 """Inference engines side by side, in one run: each engine's forward rate on real images,
 and the whole batch job over a tree of files with each engine.
 
-    python bench/engines.py --tree 200000                    # the table in docs/engines.md
-    python bench/engines.py --tree 5000 --base-images 64     # a quick try that it works
+    python bench/engines.py --tree 200000 --base-images 256  # docs/engines.md's scratch table (66 min on 2 cores)
+    python bench/engines.py --tree 5000 --no-job --forward-images 256 --base-images 32 --repeats 1
+                                                             # its ViT-B/16 rows (6 min; ~1 image/s eager on 2 cores)
 
 Models, random weights (throughput does not depend on them; --model gives a trained
 scratch checkpoint instead, which makes the agreement columns meaningful):
