@@ -155,8 +155,11 @@ def test_an_asha_search_stops_a_trial_exports_the_best_pictures_the_search_and_l
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 4
     name = summary["experiment"].rsplit("/", 1)[-1]
-    by_trial = {r.data.tags["trial_name"].rsplit("_", 1)[-1]: r for r in runs}
-    assert set(by_trial) == {t["trial_id"] for t in trials}
+    # A run's trial_name is "<trainable>_<trial id>", and ASHA's trial ids hold an underscore.
+    by_trial = {
+        t["trial_id"]: r for t in trials for r in runs if r.data.tags["trial_name"].endswith(f"_{t['trial_id']}")
+    }
+    assert len(by_trial) == 4 and len({r.info.run_id for r in by_trial.values()}) == 4
     for t in trials:
         run = by_trial[t["trial_id"]]
         assert run.data.tags["tune_experiment"] == name
