@@ -156,8 +156,10 @@ def plain_forward(paths: list[str], model_path: Path, batch_size: int, steps: in
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def job(folder: Path, model_path: Path, out: Path, batch_size: int, repo: Path) -> dict:
+def job(folder: Path, model_path: Path, out: Path, batch_size: int, repo: Path, engine: str | None = None) -> dict:
     argv = ["--input", str(folder), "--model", str(model_path), "--output", str(out), "--batch-size", str(batch_size)]
+    if engine:
+        argv += ["--engine", engine]
     if repo == ROOT:
         argv.append("--quiet")
     t0 = time.perf_counter()
