@@ -187,8 +187,9 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
 ):
     """1,800 files in blocks of 256 rows (the model decodes at 224x224): the blocks done
     or in hand when the notice comes are committed, and only the rest is predicted by
-    the next run."""
-    model = random_model(tmp_path / "vit_model.pth", 64, (224, 224))
+    the next run. The model runs at 128 px: at 64, a fast day's machine finished all
+    seven blocks between the first commit and the notice."""
+    model = random_model(tmp_path / "vit_model.pth", 128, (224, 224))
     images = sorted((samples["train"] / "images").iterdir())[:600]
     inputs = []
     for copy in range(3):  # three folders of links to the same 600 real images
