@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from predict_throughput import JOB_WRAPPER, files_under, make_tree  # noqa: E402
+from predict_throughput import files_under, job, make_tree  # noqa: E402
 
 from fashion_vit import export  # noqa: E402
 from fashion_vit.config import MASTER_CATEGORIES, TrainConfig  # noqa: E402
@@ -122,26 +121,11 @@ def forward_rates(saved: SavedModel, onnx_path: Path, int8_path: Path, xs: list[
     return results
 
 
-def run_job(folder: Path, model: Path, engine: str, out: Path, batch_size: int, extra: list[str]) -> dict:
-    """jobs/batch_predict.py in its own process, as bench/predict_throughput.py runs it."""
-    argv = ["--input", str(folder), "--model", str(model), "--output", str(out), "--batch-size", str(batch_size)]
-    argv += ["--engine", engine, "--quiet", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", JOB_WRAPPER, str(ROOT), *argv], cwd=ROOT, capture_output=True,
-                          text=True, check=False)  # fmt: skip
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
-    report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("BENCH "))[6:])
-    n = report["predicted"] + report["failed"]
-    return {"wall_s": wall, "rate": n / wall, "files": n, "timings": report["timings"]}
-
-
 def table(rows: list[dict]) -> str:
     head = "| model | engine | forward img/s | x eager | top-1 agreement | max prob diff | setup s | export s | job wall s | job img/s | x torch job |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        job = r.get("job")
+        ran = r.get("job")
         cells = [
             r["model"],
             r["engine"],
@@ -151,9 +135,9 @@ def table(rows: list[dict]) -> str:
             f"{r['max_prob_diff']:.1e}",
             f"{r['setup_s']:.1f}",
             f"{r['export_s']:.1f}" if r.get("export_s") is not None else "",
-            f"{job['wall_s']:.1f}" if job else "",
-            f"{job['rate']:,.0f}" if job else "",
-            f"{r['x_torch_job']:.2f}" if job else "",
+            f"{ran['wall_s']:.1f}" if ran else "",
+            f"{ran['rate']:,.0f}" if ran else "",
+            f"{r['x_torch_job']:.2f}" if ran else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -176,13 +160,13 @@ def bench_model(args, name, vit, size, source, n_images, batch_size, paths, tree
         row["export_s"] = {"onnx": export_s, "int8": export_s + int8_s}.get(engine)
         if tree is not None and not args.no_job:
             engine_flag = "onnx" if engine == "int8" else engine
-            row["job"] = run_job(tree, models[engine], engine_flag, out, args.batch_size, args.job_args.split())
+            row["job"] = job(tree, models[engine], out, args.batch_size, ROOT, engine_flag, args.job_args.split())
             print(f"  job {engine}: {json.dumps(row['job'])}", flush=True)
         rows.append(row)
     if tree is not None and not args.no_job:
-        job = run_job(tree, pth, "onnx", out, args.batch_size, args.job_args.split())
-        print(f"  job onnx from .pth: {json.dumps(job)}", flush=True)
-        rows.append({**rows[2], "engine": "onnx, from .pth", "job": job, "export_s": None})
+        from_pth = job(tree, pth, out, args.batch_size, ROOT, "onnx", args.job_args.split())
+        print(f"  job onnx from .pth: {json.dumps(from_pth)}", flush=True)
+        rows.append({**rows[2], "engine": "onnx, from .pth", "job": from_pth, "export_s": None})
         for r in rows:
             r["x_torch_job"] = r["job"]["rate"] / rows[0]["job"]["rate"]
     return rows

@@ -156,12 +156,23 @@ def plain_forward(paths: list[str], model_path: Path, batch_size: int, steps: in
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def job(folder: Path, model_path: Path, out: Path, batch_size: int, repo: Path, engine: str | None = None) -> dict:
+def job(
+    folder: Path,
+    model_path: Path,
+    out: Path,
+    batch_size: int,
+    repo: Path,
+    engine: str | None = None,
+    extra: list[str] | None = None,
+) -> dict:
+    """jobs/batch_predict.py of `repo` in its own process: its BENCH report, with the
+    wall time and the whole-process rate (and the steady one, first prediction to last)."""
     argv = ["--input", str(folder), "--model", str(model_path), "--output", str(out), "--batch-size", str(batch_size)]
     if engine:
         argv += ["--engine", engine]
     if repo == ROOT:
         argv.append("--quiet")
+    argv += extra or []
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", JOB_WRAPPER, str(repo), *argv], cwd=repo, capture_output=True, text=True, check=False
