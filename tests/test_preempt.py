@@ -185,11 +185,13 @@ def test_sigterm_to_tune_saves_the_experiment_and_the_printed_command_continues_
 def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_command_continues_it(
     samples, ray_session, tmp_path
 ):
-    """1,800 files in blocks of 256 rows (the model decodes at 224x224): the blocks done
-    or in hand when the notice comes are committed, and only the rest is predicted by
-    the next run. The model runs at 128 px: at 64, a fast day's machine finished all
-    seven blocks between the first commit and the notice."""
-    model = random_model(tmp_path / "vit_model.pth", 128, (224, 224))
+    """1,800 files in three folders and a table naming one more: a FIFO, whose read
+    hangs until someone writes to it, as a stalled network read does. Its block cannot
+    finish, so the notice always comes mid-run whatever the machine's speed (a race on
+    speed alone was lost on a fast CI machine: all 1,800 done before the notice). Two
+    predictor actors: while one waits on the FIFO, the other commits blocks. The blocks
+    committed when the notice comes are kept, and only the rest is predicted again."""
+    model = random_model(tmp_path / "vit_model.pth", 64, (224, 224))
     images = sorted((samples["train"] / "images").iterdir())[:600]
     inputs = []
     for copy in range(3):  # three folders of links to the same 600 real images
@@ -198,24 +200,44 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
         for image in images:
             (folder / image.name).symlink_to(image)
         inputs.append(str(folder))
+    stalled = tmp_path / "stalled.jpg"
+    os.mkfifo(stalled)
+    table = tmp_path / "late.csv"
+    table.write_text(f"path\n{stalled}\n")
     out = tmp_path / "pred.csv"
-    args = [*(a for d in inputs for a in ("--input", d)), "--model", str(model), "--output", str(out)]
+    args = ["--input-table", str(table), *(a for d in inputs for a in ("--input", d)),
+            "--model", str(model), "--output", str(out), "--num-actors", "2"]  # fmt: skip
     env = session_env()
     checkpoint = tmp_path / "pred.csv.partial" / "checkpoint"
     committed = lambda: [p for p in checkpoint.glob("*.parquet") if ".pending" not in p.name]
-    proc, _ = run_until([sys.executable, "jobs/batch_predict.py", *args], env, tmp_path / "first.log", committed)
-    command = stop_with_sigterm(proc, tmp_path / "first.log")
+    try:
+        proc, _ = run_until([sys.executable, "jobs/batch_predict.py", *args], env, tmp_path / "first.log", committed)
+        command = stop_with_sigterm(proc, tmp_path / "first.log")
+    finally:
+        release(stalled)
     assert command == [sys.executable, "jobs/batch_predict.py", *args, "--resume"]
     message = next(line for line in (tmp_path / "first.log").read_text().splitlines() if "stopped by SIGTERM" in line)
     done = int(message.split("stopped by SIGTERM: ")[1].split()[0])
-    assert 0 < done < 1800 and not out.exists()
+    assert 0 < done < 1801 and not out.exists()
 
+    stalled.unlink()  # the read that hung now finds the image
+    stalled.symlink_to(images[0])
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resumed: {done} files were done by the interrupted run, {1800 - done} now" in resumed.stdout
+    assert f"resumed: {done} files were done by the interrupted run, {1801 - done} now" in resumed.stdout
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert [r["path"] for r in rows] == sorted(str(Path(d) / i.name) for d in inputs for i in images)
+    # The table's row first, then the folders' files in path order.
+    assert [r["path"] for r in rows] == [str(stalled)] + sorted(str(Path(d) / i.name) for d in inputs for i in images)
     expected = expected_predictions(model, [str(Path(inputs[0]) / i.name) for i in images])
     by_name = {Path(path).name: category for path, (category, _) in expected.items()}
+    by_name[stalled.name] = by_name[images[0].name]
     assert [r["predicted_category"] for r in rows] == [by_name[Path(r["path"]).name] for r in rows]
+
+
+def release(fifo: Path) -> None:
+    """Let a read still waiting on the FIFO end (it then reads no bytes)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader left
+        pass
