@@ -28,7 +28,7 @@ from jobs import batch_predict, tune
 data, out, images = sys.argv[1:4]
 # The recipe follows the GPUs (scratch-gpu); the given flags keep the model CPU-sized.
 rc_tune = tune.main(["--data-dir", data, "--from-scratch", "--limit", "300", "--epochs", "2", "--search", "asha",
-                     "--num-samples", "2", "--vit-size", "tiny", "--image-size", "32", "--patch-size", "16",
+                     "--num-samples", "1", "--vit-size", "tiny", "--image-size", "32", "--patch-size", "16",
                      "--search-image-sizes", "32", "--batch-size", "64", "--output-dir", out])
 rc_predict = batch_predict.main(["--input", images, "--model", out + "/vit_model.pth", "--output", out + "/pred.csv",
                                  "--quiet"])
@@ -62,7 +62,7 @@ def held(resources: dict, kind: str) -> float:
 def test_every_train_worker_holds_one_gpu_and_trials_run_as_many_as_gpus(plan):
     report, out = plan
     workers = [a for a in report["actors"] if a["cls"] == "RayTrainWorker"]
-    assert len(workers) >= 3  # the baseline and 2 sampled trials, one worker each
+    assert len(workers) >= 2  # the baseline and a sampled trial, one worker each
     assert all(held(a["res"], "GPU") == 1 for a in workers), [a["res"] for a in workers]
     # Trial concurrency follows the 2 GPUs: at most 2 workers busy at once, and 2 at some
     # point. A worker is busy from its first task's start to its last task's end.
@@ -79,7 +79,7 @@ def test_every_train_worker_holds_one_gpu_and_trials_run_as_many_as_gpus(plan):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_config"]["use_gpu"] is True and summary["train_config"]["cpus_per_worker"] == 1
     assert summary["train_config"]["recipe"] == "scratch-gpu" and summary["train_config"]["sampling"] == "sqrt"
-    assert len(summary["trials"]) == 3 and all(t["error"] is None for t in summary["trials"])
+    assert len(summary["trials"]) == 2 and all(t["error"] is None for t in summary["trials"])
 
 
 def test_predictor_actors_hold_one_gpu_and_decoding_stays_in_cpu_tasks(plan):
