@@ -5,6 +5,7 @@ warning for a state folder only one node has."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -228,7 +229,7 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
     with open(out) as f:
         rows = list(csv.DictReader(f))
     # The table's row first, then the folders' files in path order.
-    assert [r["path"] for r in rows] == [str(stalled)] + sorted(str(Path(d) / i.name) for d in inputs for i in images)
+    assert [r["path"] for r in rows] == [str(stalled), *sorted(str(Path(d) / i.name) for d in inputs for i in images)]
     expected = expected_predictions(model, [str(Path(inputs[0]) / i.name) for i in images])
     by_name = {Path(path).name: category for path, (category, _) in expected.items()}
     by_name[stalled.name] = by_name[images[0].name]
@@ -237,7 +238,5 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
 
 def release(fifo: Path) -> None:
     """Let a read still waiting on the FIFO end (it then reads no bytes)."""
-    try:
+    with contextlib.suppress(OSError):  # no reader left
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:  # no reader left
-        pass
