@@ -183,9 +183,7 @@ def test_sigterm_to_tune_saves_the_experiment_and_the_printed_command_continues_
 
 
 @pytest.mark.slow
-def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_command_continues_it(
-    samples, ray_session, tmp_path
-):
+def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_command_continues_it(samples, tmp_path):
     """1,800 files in three folders and a table naming one more: a FIFO, whose read
     hangs until someone writes to it, as a stalled network read does. Its block cannot
     finish, so the notice always comes mid-run whatever the machine's speed (a race on
