@@ -21,9 +21,9 @@ class Node:
     gpus: int
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, **local) -> None:
     """Join the cluster at `address`, else RAY_ADDRESS's or the one a job was submitted
-    to, else start a local Ray."""
+    to, else start a local Ray (`local`: more of ray.init's arguments, such as num_cpus)."""
     import logging
 
     import ray
@@ -41,7 +41,7 @@ def start_ray(address: str | None) -> None:
         # ray.init sets a SIGTERM handler of its own (sys.exit(15)), in place of the one a
         # job installed to save its work on a preemption notice (preemption.py): keep ours.
         handler = signal.getsignal(signal.SIGTERM)
-        context = ray.init(address=address, log_to_driver=True, dashboard_port=port)
+        context = ray.init(address=address, log_to_driver=True, dashboard_port=port, **local)
         if handler not in (signal.SIG_DFL, None) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
         if ours and not str(context.dashboard_url or "").endswith(f":{port}"):

@@ -231,10 +231,19 @@ def samples(styles_rows, shared_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the session; the jobs' own ray.init() reuses it."""
+    """One local Ray for the session; the jobs' own ray.init() reuses it. Started as the
+    jobs start theirs, so that its workers are told its state API: with another Ray on
+    the machine (an own-Ray test's, a loopback cluster's leftovers), Ray Train's
+    placement-group cleaner cannot tell which to ask, and a trial that ASHA stopped kept
+    its CPUs for the rest of the session (CI, 2026-12-05: four later tests waited 900 s)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
+    from fashion_vit.cluster import start_ray
+
+    start_ray(None, num_cpus=2)
+    # The raylet and its workers have it now; other tests' subprocess jobs start Rays of
+    # their own, and would tell their workers this one's.
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     yield
     ray.shutdown()
 

@@ -17,13 +17,9 @@ from tests.conftest import run_script
 pytestmark = pytest.mark.slow
 
 SCRIPT = """
-import json, os, socket, sys
-import ray
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # as fashion_vit.cluster.start_ray does
-ray.init(num_cpus=2, num_gpus=2, include_dashboard=True, dashboard_port=port)
+import json, sys
+from fashion_vit.cluster import start_ray
+start_ray(None, num_cpus=2, num_gpus=2)
 from jobs import batch_predict, tune
 data, out, images = sys.argv[1:4]
 # The recipe follows the GPUs (scratch-gpu); the given flags keep the model CPU-sized.
