@@ -39,10 +39,10 @@ def test_a_resumed_optuna_search_continues_from_the_trials_it_had_seen(samples, 
     baseline again and know of no finished trial. The searcher notes, in its own saved
     state, which trials it had been told finished at each suggestion.
 
-    The job runs on the session's Ray, as on a cluster whose driver died: with a second
-    Ray instance on the machine, Ray Train's PlacementGroupCleaner cannot tell which one
-    to ask about a stopped trial's controller, and the CPUs of trials that ASHA stopped
-    are never given back (Ray 2.60), which a three-trial search on two CPUs cannot afford."""
+    The job runs on the session's Ray, as on a cluster whose driver died. (That Ray names
+    its state API to its workers, as every job's does: with two Rays on the machine, Ray
+    Train's placement-group cleaner otherwise cannot tell which to ask about a stopped
+    trial, and its CPUs are never given back; see conftest's ray_session.)"""
     import ray
 
     from fashion_vit.search import read_searcher
