@@ -233,9 +233,9 @@ def samples(styles_rows, shared_data, tmp_path_factory):
 def ray_session():
     """One local Ray for the session; the jobs' own ray.init() reuses it. Started as the
     jobs start theirs, so that its workers are told its state API: with another Ray on
-    the machine (an own-Ray test's, a loopback cluster's leftovers), Ray Train's
+    the machine (an own-Ray test's, a loopback cluster), Ray Train's
     placement-group cleaner cannot tell which to ask, and a trial that ASHA stopped kept
-    its CPUs for the rest of the session (CI, 2026-12-05: four later tests waited 900 s)."""
+    its CPUs for the rest of the session (CI on cbfa108: four later tests waited 900 s)."""
     import ray
 
     from fashion_vit.cluster import start_ray
