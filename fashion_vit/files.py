@@ -119,7 +119,8 @@ def walk_files(root: str):
     local disk, s3:// and gs://; the order of the files is not defined.
 
     Raises FileNotFoundError if root is not a folder. Symlinked folders are not followed
-    (a link loop would never end); symlinked files are listed."""
+    (a link loop would never end); symlinked files are listed, and so are links to
+    nothing, so that the batch job reports them rather than losing them."""
     import pyarrow.fs as pafs
 
     fs, base = filesystem(root)
@@ -135,7 +136,7 @@ def walk_files(root: str):
         infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         files = [i.path for i in infos if i.type == pafs.FileType.File]
         dirs = [i.path for i in infos if i.type == pafs.FileType.Directory and not _is_link(fs, i.path)]
-        return files, dirs
+        return files + _dangling_links(fs, folder), dirs
 
     # At most 2 x LISTING_THREADS folders listed ahead of the consumer: without the bound
     # every folder's listing lands in memory before the first is consumed (seen: +165 MB
@@ -159,6 +160,20 @@ def _is_link(fs, path: str) -> bool:
     import pyarrow.fs as pafs
 
     return isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path)
+
+
+def _dangling_links(fs, folder: str) -> list[str]:
+    # pyarrow leaves out a link whose target is gone. Listed, it gets a row that says the
+    # file is missing, rather than vanishing from the output unseen.
+    import pyarrow.fs as pafs
+
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return []
+    try:
+        with os.scandir(folder) as entries:
+            return [e.path for e in entries if e.is_symlink() and not os.path.exists(e.path)]
+    except FileNotFoundError:
+        return []
 
 
 @contextlib.contextmanager

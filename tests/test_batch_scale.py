@@ -37,7 +37,8 @@ def test_walk_files_lists_nested_folders_once_without_following_folder_links(tmp
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "a" / "loop").symlink_to(tmp_path)  # a link loop would never end
     (tmp_path / "link.jpg").symlink_to(tmp_path / "x.jpg")  # a linked file is a file
-    expected = ["a/b/z.png", "a/notes.txt", "a/y.JPG", "link.jpg", "x.jpg"]
+    (tmp_path / "a" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # listed, to be reported missing
+    expected = ["a/b/z.png", "a/gone.jpg", "a/notes.txt", "a/y.JPG", "link.jpg", "x.jpg"]
     assert sorted(os.path.relpath(p, tmp_path) for p in walk_files(str(tmp_path))) == expected
     # The same through a URI, the way s3:// and gs:// prefixes are listed.
     uri = f"file://{tmp_path}"
