@@ -195,9 +195,10 @@ def read_class_folders(cfg: TrainConfig) -> Rows:
     root = absolute(cfg.data_dir).rstrip("/") or "/"
     dropped = Counter({"not in a class folder": len(names_in(root))})
     records = []
+    dangling: list[str] = []
     for label in subfolders(root):
         folder = join(root, label)
-        for path in walk_files(folder):
+        for path in walk_files(folder, dangling):
             key = label + path[len(folder) :]
             if any(part.startswith(".") for part in key.split("/")):
                 dropped["hidden file or folder"] += 1
@@ -205,6 +206,8 @@ def read_class_folders(cfg: TrainConfig) -> Rows:
                 dropped["not an image file (by its extension)"] += 1
             else:
                 records.append((key, path, label))
+    for path in dangling:  # links to nothing: reading one would end the run
+        dropped["image file missing" if is_image_name(path) else "not an image file (by its extension)"] += 1
     if not records:
         raise DataError(
             f"--data-dir {cfg.data_dir} has no styles.csv (the Kaggle layout) and no images in class folders "

@@ -48,6 +48,7 @@ def class_folders(picked, shared_data, tmp_path_factory):
             link(shared_data / "images", image_id, root / name / sub / f"{image_id}.jpg")
     (root / "README.txt").write_text("not in a class folder")
     (root / "Apparel" / "notes.txt").write_text("not an image")
+    (root / "Footwear" / "gone.jpg").symlink_to(root / "deleted.jpg")  # a link whose file was removed
     link(shared_data / "images", picked["Apparel"][-1], root / ".thumbs" / "x.jpg")
     for image_id in picked["Footwear"][-2:]:  # a class of two: too small to split
         link(shared_data / "images", image_id, root / "Sandals" / f"{image_id}.jpg")
@@ -94,6 +95,7 @@ def test_class_folders_take_labels_from_folder_names_and_count_what_they_skip(cl
     assert data.dropped["not in a class folder"] == 1
     assert data.dropped["not an image file (by its extension)"] == 1
     assert data.dropped["hidden file or folder"] == 1
+    assert data.dropped["image file missing"] == 1  # counted, not read: reading it would end the run
     assert data.dropped["class too small to split (Sandals)"] == 2 and data.small_classes == {"Sandals": 2}
     assert "Sandals (2)" in data.summary() and "add images" in data.summary()
     # The key is the path below DIR (the split sorts by it); Ray tasks read the absolute path.
@@ -240,6 +242,7 @@ def test_class_folders_train_evaluate_and_predict_from_a_table(class_folders, la
     summary = train(["--data-dir", str(class_folders)], tmp_path / "results")
     data = summary["data"]
     assert data["labels"] == list(CLASSES) and data["source"].startswith("class folders")
+    assert data["dropped"]["image file missing"] == 1
     assert data["dropped"]["class too small to split (Sandals)"] == 2 and data["small_classes_left_out"] == {
         "Sandals": 2
     }
