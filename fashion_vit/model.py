@@ -357,9 +357,13 @@ def read_checkpoint(path: str) -> SavedModel:
         raise ModelError(f"model file {path!r} does not exist") from None
     except IsADirectoryError:
         raise ModelError(f"{path!r} is a folder without a Hugging Face model in it") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except pickle.UnpicklingError as e:
+        raise ModelError(_refusal(path, e)) from None
+    except EOFError:
+        raise ModelError(f"{path!r} is not a fashion-vit checkpoint (empty, or cut short)") from None
+    except Exception as e:  # on arbitrary bytes the unpickler fails in arbitrary ways (seen: KeyError)
         raise ModelError(
-            f"{path!r} is not a fashion-vit checkpoint, or it holds code and was refused ({_first_line(e)[:120]})"
+            f"{path!r} is not a fashion-vit checkpoint ({type(e).__name__}: {_first_line(e)[:120]})"
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelError(f"{path!r} is not a fashion-vit checkpoint (no {FORMAT!r} format tag)")
@@ -394,6 +398,20 @@ def _from_hf_folder(path: str) -> SavedModel:
     # A folder does not say what size its training images had: decode straight to the input size.
     prep = Preprocessing(image_size=size, source_size=(size, size), mean=mean, std=std)
     return SavedModel.from_model(model, prep, train_config={}, metrics={})
+
+
+def _refusal(path: str, e: pickle.UnpicklingError) -> str:
+    """torch's weights-only refusal opens with advice to load the file unsafely; the one
+    line keeps only its reason: code in the file, or bytes that are no pickle at all."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    code = next((line for line in lines if "GLOBAL" in line), None)
+    if code:
+        return f"{path!r} holds code and was refused, never run ({code[:160]})"
+    marker = "WeightsUnpickler error:"
+    after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if line.endswith(marker)]
+    return (
+        f"{path!r} is not a fashion-vit checkpoint (not a file torch.save wrote: {(after or lines or ['?'])[0][:120]})"
+    )
 
 
 def _first_line(e: Exception) -> str:

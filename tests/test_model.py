@@ -88,17 +88,28 @@ def test_checkpoint_round_trip_is_weights_only_and_exact(tmp_path):
 def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
+    torch.save({"format": "fashion-vit/1", "state_dict": Exploit(marker)}, path)  # as torch.save writes a .pth
+    with pytest.raises(ModelError, match=r"holds code and was refused, never run \(.*GLOBAL posix\.system") as e:
+        read_checkpoint(str(path))
+    assert not marker.exists()
+    assert "weights_only` set to `False`" not in str(e.value)  # torch's advice to load it unsafely is not passed on
+    with open(path, "wb") as f:  # a bare pickle: not even torch.save's layout
         pickle.dump({"format": "fashion-vit/1", "state_dict": Exploit(marker)}, f)
-    with pytest.raises(ModelError, match=r"refused|not a fashion-vit checkpoint"):
+    with pytest.raises(ModelError, match="is not a fashion-vit checkpoint"):
         read_checkpoint(str(path))
     assert not marker.exists()
 
 
-def test_non_checkpoint_files_are_refused(tmp_path):
+def test_non_checkpoint_files_are_refused(tmp_path, shared_data):
+    """In one line each: the unpickler fails on arbitrary bytes in arbitrary ways."""
     (tmp_path / "text.pth").write_text("not a model")
-    with pytest.raises(ModelError):
-        read_checkpoint(str(tmp_path / "text.pth"))
+    (tmp_path / "hello.pth").write_text("hello")  # a KeyError inside torch's unpickler
+    (tmp_path / "empty.pth").write_bytes(b"")
+    photo = next((shared_data / "images").iterdir())
+    for name in ("text.pth", "hello.pth", "empty.pth", photo):
+        with pytest.raises(ModelError, match="is not a fashion-vit checkpoint") as e:
+            read_checkpoint(str(tmp_path / name))
+        assert len(str(e.value).splitlines()) == 1 and "weights_only" not in str(e.value)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ModelError, match="format tag"):
         read_checkpoint(str(tmp_path / "other.pth"))

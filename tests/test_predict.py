@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -142,7 +141,9 @@ def test_malicious_model_file_is_refused(tmp_path, messy_tree, capsys):
     root, _, _ = messy_tree
     evil = tmp_path / "evil.pth"
     marker = tmp_path / "pwned"
-    evil.write_bytes(pickle.dumps({"format": "fashion-vit/1", "x": Exploit(marker)}))
+    import torch
+
+    torch.save({"format": "fashion-vit/1", "x": Exploit(marker)}, evil)  # a hostile .pth, as torch.save writes one
     code, err = run_cli(capsys, "--input", str(root), "--model", str(evil), "--output", str(tmp_path / "p.csv"))
     assert code == 1 and "refused" in err and "Traceback" not in err
     assert not marker.exists() and not (tmp_path / "p.csv").exists()

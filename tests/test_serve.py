@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import pickle
 import signal
 import socket
 import threading
@@ -127,7 +126,9 @@ def test_cli_refuses_a_hostile_model_file_in_one_line(tmp_path, capsys):
     from jobs import serve as serve_job
 
     evil, marker = tmp_path / "evil.pth", tmp_path / "pwned"
-    evil.write_bytes(pickle.dumps({"format": "fashion-vit/1", "x": Exploit(marker)}))
+    import torch
+
+    torch.save({"format": "fashion-vit/1", "x": Exploit(marker)}, evil)  # a hostile .pth, as torch.save writes one
     assert serve_job.main(["--model", str(evil)]) == 1  # refused before Ray starts
     (line,) = capsys.readouterr().err.splitlines()
     assert "refused" in line and not marker.exists()
