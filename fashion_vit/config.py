@@ -586,8 +586,7 @@ class PredictConfig:
             _positive("--num-actors", self.num_actors)
         if self.threads is not None:
             _positive("--threads", self.threads)
-        if not is_uri(self.model) and not os.path.exists(self.model):
-            raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        _model_exists(self.model, uri_ok=True)
         settle_engine(self)
         parts = self.output.endswith(("/", os.sep))
         if os.path.isdir(self.output) and not parts:
@@ -646,8 +645,7 @@ class EvalConfig:
 
     def validate(self) -> EvalConfig:
         _one_of(self, "split")
-        if not os.path.exists(self.model):
-            raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        _model_exists(self.model, uri_ok=False)
         check_source(self.data_dir, self.labels_table, self.dataset is not None, self.image_column, self.label_column)
         return self
 
@@ -727,8 +725,7 @@ class ServeConfig:
     address: str | None = option(None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
 
     def validate(self) -> ServeConfig:
-        if not is_uri(self.model) and not os.path.exists(self.model):
-            raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        _model_exists(self.model, uri_ok=True)
         settle_engine(self)
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")
@@ -776,8 +773,7 @@ class ExportConfig:
     def validate(self) -> ExportConfig:
         for module in ("onnx", "onnxscript", "onnxruntime"):
             _installed(module, "jobs/export.py", ONNX_EXTRA)
-        if not os.path.exists(self.model):
-            raise ConfigError(f"--model {self.model!r} does not exist (train one with jobs/tune.py)")
+        _model_exists(self.model, uri_ok=False)
         if not is_onnx(self.output):
             raise ConfigError(f"--output {self.output!r} must end in .onnx")
         if os.path.isdir(self.output):
@@ -886,6 +882,12 @@ def _installed(module: str, flag: str, fix: str) -> None:
 
     if importlib.util.find_spec(module) is None:
         raise ConfigError(f"{flag} needs the {module} package, which is not installed ({fix})")
+
+
+def _model_exists(model: str, uri_ok: bool) -> None:
+    """The --model check each job makes before Ray starts (a URI is read later, where it is used)."""
+    if not (uri_ok and is_uri(model)) and not os.path.exists(model):
+        raise ConfigError(f"--model {model!r} does not exist (train one with jobs/tune.py)")
 
 
 def _positive(flag: str, value: int) -> None:
