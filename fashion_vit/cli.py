@@ -11,6 +11,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from fashion_vit.config import NOT_IN_RECIPE, ConfigError, FashionVitError, recipe_help
+from fashion_vit.files import StorageError
 from fashion_vit.preemption import Preempted
 
 _FLAG_ACTIONS = ("store_true", "store_false", "store_const")
@@ -92,7 +93,7 @@ def run_job(prog: str, fn, argv: list[str] | None = None, script: str | list[str
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except FashionVitError as e:
+    except (FashionVitError, StorageError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -51,11 +51,25 @@ def is_image_name(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
+class StorageError(ValueError):
+    """A URI whose scheme pyarrow cannot read (https:// among them). The jobs print it as
+    one line; the batch job puts it in the row's error column."""
+
+
 def filesystem(path: str):
     """(pyarrow FileSystem, path within it) for a local path or a URI."""
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
-    return pafs.FileSystem.from_uri(absolute(path))
+    try:
+        return pafs.FileSystem.from_uri(absolute(path))
+    except pa.ArrowInvalid as e:
+        if "Unrecognized filesystem type" not in str(e):
+            raise
+        scheme = path.split("://", 1)[0]
+        raise StorageError(
+            f"cannot read {path!r}: {scheme}:// is not a storage this reads (local paths, file://, s3:// and gs:// are)"
+        ) from None
 
 
 def read_bytes(path: str) -> bytes:

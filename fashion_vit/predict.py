@@ -212,7 +212,7 @@ def _run(cfg: PredictConfig, saved: SavedModel | OnnxModel, work: WorkDir, t0: f
     if listing is None:
         t = time.perf_counter()
         log(f"listing {', '.join(filter(None, [cfg.input_table, *cfg.inputs]))} ...")
-        listing = list_to_manifest(cfg, work)
+        listing = list_or_clean_up(cfg, work)
         timings["listing_s"] = time.perf_counter() - t
     if listing["found"] == 0:
         work.remove()
@@ -434,6 +434,19 @@ def list_images(inputs: list[str]):
                 yield path, is_image_name(path)
         except FileNotFoundError:
             raise PredictError(f"input {root!r} is not a folder") from None
+
+
+def list_or_clean_up(cfg: PredictConfig, work: WorkDir) -> dict:
+    """list_to_manifest; where it fails, the work folder goes too. Nothing in it can be
+    resumed (no row is predicted before the listing ends), and left behind it would
+    refuse the next run until deleted by hand. A SIGTERM keeps it, as it says."""
+    try:
+        return list_to_manifest(cfg, work)
+    except (Preempted, Sigterm):
+        raise
+    except Exception:
+        work.remove()
+        raise
 
 
 def list_to_manifest(cfg: PredictConfig, work: WorkDir) -> dict:

@@ -149,6 +149,25 @@ def test_malicious_model_file_is_refused(tmp_path, messy_tree, capsys):
     assert not marker.exists() and not (tmp_path / "p.csv").exists()
 
 
+def test_a_storage_no_filesystem_here_reads_is_one_line_and_leaves_no_run_behind(tmp_path, messy_tree, capsys):
+    """https:// URLs (pyarrow reads local paths, file://, s3://, gs://): the folder is
+    refused in one line, with no .partial folder left to refuse the next run; a table's
+    web URL is that row's error, the other rows predicted."""
+    from fashion_vit.files import read_bytes
+    from fashion_vit.transforms import decode_images
+    from tests.conftest import random_model
+
+    root, _, _ = messy_tree
+    model, out = str(random_model(tmp_path / "m.pth")), str(tmp_path / "p.csv")
+    code, err = run_cli(capsys, "--input", "https://example.com/photos/", "--model", model, "--output", out)
+    assert code == 1 and "https:// is not a storage" in err.splitlines()[-1] and "Traceback" not in err
+    assert not os.path.exists(out + ".partial")
+    assert run_cli(capsys, "--input", str(root), "--model", model, "--output", out, "--quiet")[0] == 0
+    photo = next(str(p) for p in sorted(root.rglob("*.jpg")) if p.stat().st_size > 100)
+    _, errors = decode_images(["https://example.com/a.jpg", photo], (32, 24), read=read_bytes)
+    assert "https:// is not a storage" in errors[0] and errors[1] == ""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case, code, message",

@@ -174,6 +174,7 @@ def small_csv(tmp_path_factory, shared_data):
     folder = tmp_path_factory.mktemp("refusals")
     (folder / "t.csv").write_text("sku,file,category\n1,x.jpg,Apparel\n")
     (folder / "t.xlsx").write_text("x")
+    (folder / "web.csv").write_text("file,category\nx.jpg,Apparel\nhttps://example.com/a.jpg,Apparel\n")
     (folder / "empty").mkdir()
     return folder
 
@@ -192,6 +193,8 @@ def refusal_cases(folder, label_table, model):
         (tune, ["--labels", str(folder / "t.xlsx")], 2, "give a .csv, .parquet or a folder of .parquet files"),
         (tune, ["--labels", "file://" + table, "--image-column", "file", "--from-scratch"], 1,
          "--label-column 'masterCategory' is not a column of file://"),
+        (tune, ["--labels", str(folder / "web.csv"), "--image-column", "file", "--label-column", "category"], 1,
+         "cannot read 'https://example.com': https:// is not a storage this reads"),
         (evaluate, ["--model", model, "--labels", t, "--dataset", "x/y"], 2, "give one of --data-dir, --labels"),
         (predict, ["--input-table", t, "--model", model], 2,
          f"--path-column 'path' is not a column of {t} (columns: sku, file, category)"),
