@@ -106,9 +106,9 @@ def test_non_checkpoint_files_are_refused(tmp_path, shared_data):
     (tmp_path / "hello.pth").write_text("hello")  # a KeyError inside torch's unpickler
     (tmp_path / "empty.pth").write_bytes(b"")
     photo = next((shared_data / "images").iterdir())
-    for name in ("text.pth", "hello.pth", "empty.pth", photo):
+    for path in [tmp_path / "text.pth", tmp_path / "hello.pth", tmp_path / "empty.pth", photo]:
         with pytest.raises(ModelError, match="is not a fashion-vit checkpoint") as e:
-            read_checkpoint(str(tmp_path / name))
+            read_checkpoint(str(path))
         assert len(str(e.value).splitlines()) == 1 and "weights_only" not in str(e.value)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(ModelError, match="format tag"):
