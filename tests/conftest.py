@@ -248,6 +248,48 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def session_ray_released():
+    """After each module, every CPU of the session's Ray is free again. A module that
+    leaves one held (a placement group, an actor) fails here, by name, and what it held
+    is released: otherwise the leak shows up later as other tests' 900 s timeouts, far
+    from its cause (CI on ed245c0: four trainings after test_serve waited 900 s each)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    deadline = time.monotonic() + 60  # a finished trial's group and actors go within seconds
+    while _held_cpus(ray) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if held := _held_cpus(ray):
+        leaks = _release_leaks(ray)
+        pytest.fail(f"the module left {held:g} of the session's CPUs held: {'; '.join(leaks) or 'by nothing listed'}")
+
+
+def _held_cpus(ray) -> float:
+    return ray.cluster_resources().get("CPU", 0) - ray.available_resources().get("CPU", 0)
+
+
+def _release_leaks(ray) -> list[str]:
+    """Remove the placement groups still held and kill the named actors that hold CPUs
+    (Serve's replicas are named); say what each was."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_actors
+
+    leaks = []
+    for pg_id, pg in ray.util.placement_group_table().items():
+        if pg["state"] != "REMOVED":
+            leaks.append(f"placement group {pg['name'] or pg_id} {pg['bundles']}")
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+    address = ray.get_runtime_context().gcs_address
+    for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000):
+        if (actor.required_resources or {}).get("CPU", 0) > 0 and not actor.placement_group_id:
+            leaks.append(f"actor {actor.class_name} (pid {actor.pid})")
+            if actor.name:
+                ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
+    return leaks
+
+
 # The scratch recipe (a tiny ViT at 32x32) learns the coarse categories in a few CPU
 # epochs; the tests give --epochs themselves.
 TINY_ARGS = ["--from-scratch"]

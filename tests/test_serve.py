@@ -172,6 +172,10 @@ def server(trained, batch_answers, ray_session):
         with httpx.Client(base_url=url, timeout=30) as client:
             yield client
     finally:
+        # As the server's Ctrl-C stops it: the application, waiting until its replicas
+        # are gone. serve.shutdown() alone gives up after 30 s, replicas still holding
+        # their CPUs (CI on ed245c0: the session's next four trainings waited 900 s).
+        serving.stop()
         serve.shutdown()
 
 
