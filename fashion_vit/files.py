@@ -148,10 +148,11 @@ def walk_files(root: str, dangling: list[str] | None = None):
         return prefix + inner[len(base) :] if base != "/" else prefix.rstrip("/") + inner
 
     def list_dir(folder: str) -> tuple[list[str], list[str], list[str]]:
+        if isinstance(fs, pafs.LocalFileSystem):
+            return _list_local(folder)
         infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         files = [i.path for i in infos if i.type == pafs.FileType.File]
-        dirs = [i.path for i in infos if i.type == pafs.FileType.Directory and not _is_link(fs, i.path)]
-        return files, dirs, _dangling_links(fs, folder)
+        return files, [i.path for i in infos if i.type == pafs.FileType.Directory], []
 
     # At most 2 x LISTING_THREADS folders listed ahead of the consumer: without the bound
     # every folder's listing lands in memory before the first is consumed (seen: +165 MB
@@ -174,25 +175,23 @@ def walk_files(root: str, dangling: list[str] | None = None):
                     yield as_given(f)
 
 
-def _is_link(fs, path: str) -> bool:
-    # pyarrow reports a symlinked folder as a folder; only a local one can be a link.
-    import pyarrow.fs as pafs
-
-    return isinstance(fs, pafs.LocalFileSystem) and os.path.islink(path)
-
-
-def _dangling_links(fs, folder: str) -> list[str]:
-    # pyarrow's listing leaves out a link whose target is gone: the file would vanish
-    # from a job's counts unseen.
-    import pyarrow.fs as pafs
-
-    if not isinstance(fs, pafs.LocalFileSystem):
-        return []
+def _list_local(folder: str) -> tuple[list[str], list[str], list[str]]:
+    """(files, folders, links to nothing) directly in a local folder, in one pass. pyarrow's
+    listing reports a linked folder as a folder, and leaves out a link whose target is
+    gone: the file would vanish from a job's counts unseen."""
+    files, dirs, dangling = [], [], []
     try:
         with os.scandir(folder) as entries:
-            return [e.path for e in entries if e.is_symlink() and not os.path.exists(e.path)]
-    except FileNotFoundError:
-        return []
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.append(entry.path)
+                elif entry.is_file():  # a link to a file is listed as the file
+                    files.append(entry.path)
+                elif entry.is_symlink() and not os.path.exists(entry.path):
+                    dangling.append(entry.path)
+    except FileNotFoundError:  # removed while the walk ran
+        pass
+    return files, dirs, dangling
 
 
 @contextlib.contextmanager
