@@ -66,10 +66,14 @@ def filesystem(path: str):
     except pa.ArrowInvalid as e:
         if "Unrecognized filesystem type" not in str(e):
             raise
-        scheme = path.split("://", 1)[0]
-        raise StorageError(
-            f"cannot read {path!r}: {scheme}:// is not a storage this reads (local paths, file://, s3:// and gs:// are)"
-        ) from None
+        raise _no_storage(path) from None
+
+
+def _no_storage(path: str) -> StorageError:
+    scheme = path.split("://", 1)[0]
+    return StorageError(
+        f"cannot read {path!r}: {scheme}:// is not a storage this reads (local paths, file://, s3:// and gs:// are)"
+    )
 
 
 def read_bytes(path: str) -> bytes:
@@ -105,8 +109,15 @@ def files_present(paths: list[str]) -> list[bool]:
     folders: dict[str, list[int]] = {}
     for i, p in enumerate(paths):
         folders.setdefault(parent(p), []).append(i)
+
+    def listing(folder: str) -> frozenset[str]:
+        try:
+            return frozenset(names_in(folder))
+        except StorageError:  # named by a path of the table, not by its folder
+            raise _no_storage(paths[folders[folder][0]]) from None
+
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
-        listed = dict(zip(folders, pool.map(lambda f: frozenset(names_in(f)), folders), strict=True))
+        listed = dict(zip(folders, pool.map(listing, folders), strict=True))
     return [p.rstrip("/").rsplit("/", 1)[-1] in listed[parent(p)] for p in paths]
 
 

@@ -194,7 +194,7 @@ def refusal_cases(folder, label_table, model):
         (tune, ["--labels", "file://" + table, "--image-column", "file", "--from-scratch"], 1,
          "--label-column 'masterCategory' is not a column of file://"),
         (tune, ["--labels", str(folder / "web.csv"), "--image-column", "file", "--label-column", "category"], 1,
-         "cannot read 'https://example.com': https:// is not a storage this reads"),
+         "cannot read 'https://example.com/a.jpg': https:// is not a storage this reads"),
         (evaluate, ["--model", model, "--labels", t, "--dataset", "x/y"], 2, "give one of --data-dir, --labels"),
         (predict, ["--input-table", t, "--model", model], 2,
          f"--path-column 'path' is not a column of {t} (columns: sku, file, category)"),
