@@ -89,7 +89,7 @@ class PredictOutcome:
         lines = [f"predicted {self.predicted} images -> {self.output}"]
         if self.failed:
             lines.append(
-                f"{self.failed} files failed (not readable as images): in the same file, with the reason in the error column"
+                f"{self.failed} files failed (missing, unreadable or not images): in the same file, with the reason in the error column"
             )
         if self.ignored:
             lines.append(
