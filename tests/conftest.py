@@ -88,16 +88,12 @@ def own_ray_env() -> dict:
 def kill_after_first_commit(args: list[str], output: Path, env: dict, log: Path, timeout: float = 600) -> None:
     """Run jobs/batch_predict.py until the first shard of `output` is committed to its
     checkpoint, then SIGKILL the driver and everything in its session: a lost machine."""
-    checkpoint = Path(str(output) + ".partial") / "checkpoint"
-    committed = lambda: (
-        checkpoint.is_dir() and any(p.suffix == ".parquet" and ".pending" not in p.name for p in checkpoint.iterdir())
-    )
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "jobs/batch_predict.py", *args], cwd=ROOT, env=env,
                                 stdout=f, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         deadline = time.time() + timeout
-        while not committed():
+        while not committed_shards(output):
             assert proc.poll() is None, "the job ended before it could be killed:\n" + log.read_text()[-3000:]
             assert time.time() < deadline, f"no shard committed in {timeout:.0f} s"
             time.sleep(0.2)
@@ -108,6 +104,12 @@ def kill_after_first_commit(args: list[str], output: Path, env: dict, log: Path,
         deadline = time.time() + 60
         while _still_running(env["RAY_TMPDIR"]) and time.time() < deadline:
             time.sleep(0.5)
+
+
+def committed_shards(output: Path) -> list[Path]:
+    """The batch job's shards of `output` that its checkpoint has committed so far."""
+    checkpoint = Path(str(output) + ".partial") / "checkpoint"
+    return [p for p in checkpoint.glob("*.parquet") if ".pending" not in p.name]
 
 
 def _still_running(marker: str) -> bool:

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_ARGS, expected_predictions, own_ray_env, random_model, session_env
+from tests.conftest import (
+    ROOT,
+    TINY_ARGS,
+    committed_shards,
+    expected_predictions,
+    own_ray_env,
+    random_model,
+    session_env,
+)
 from tests.test_nodes import reported_epochs
 
 # --- the pieces, without Ray ------------------------------------------------------------------
@@ -209,23 +217,23 @@ def test_sigterm_to_batch_predict_commits_what_it_finished_and_the_printed_comma
     # A Ray of its own: on the session's, after the SIGTERM tune test, the first commit
     # waited ~150 s with most files predicted and every CPU free (docs/benchmarks.md).
     env = own_ray_env()
-    checkpoint = tmp_path / "pred.csv.partial" / "checkpoint"
-    committed = lambda: [p for p in checkpoint.glob("*.parquet") if ".pending" not in p.name]
     try:
-        proc, _ = run_until([sys.executable, "jobs/batch_predict.py", *args], env, tmp_path / "first.log", committed)
+        first = [sys.executable, "jobs/batch_predict.py", *args]
+        proc, _ = run_until(first, env, tmp_path / "first.log", lambda: committed_shards(out))
         command = stop_with_sigterm(proc, tmp_path / "first.log")
     finally:
         release(stalled)
     assert command == [sys.executable, "jobs/batch_predict.py", *args, "--resume"]
     message = next(line for line in (tmp_path / "first.log").read_text().splitlines() if "stopped by SIGTERM" in line)
     done = int(message.split("stopped by SIGTERM: ")[1].split()[0])
-    assert 0 < done < 1801 and not out.exists()
+    total = 1 + len(inputs) * len(images)
+    assert 0 < done < total and not out.exists()
 
     stalled.unlink()  # the read that hung now finds the image
     stalled.symlink_to(images[0])
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"resumed: {done} files were done by the interrupted run, {1801 - done} now" in resumed.stdout
+    assert f"resumed: {done} files were done by the interrupted run, {total - done} now" in resumed.stdout
     with open(out) as f:
         rows = list(csv.DictReader(f))
     # The table's row first, then the folders' files in path order.
