@@ -173,10 +173,13 @@ def server(trained, batch_answers, ray_session):
             yield client
     finally:
         # As the server's Ctrl-C stops it: the application, waiting until its replicas
-        # are gone. serve.shutdown() alone gives up after 30 s, replicas still holding
-        # their CPUs (CI on ed245c0: the session's next four trainings waited 900 s).
-        serving.stop()
-        serve.shutdown()
+        # are gone. serve.shutdown() alone stops waiting after 30 s, and can leave a
+        # replica holding its CPU (likely on CI at ed245c0: the next four trainings on
+        # the session's Ray waited 900 s each).
+        try:
+            serving.stop()
+        finally:
+            serve.shutdown()
 
 
 @pytest.mark.slow
