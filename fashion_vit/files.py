@@ -140,8 +140,8 @@ def walk_files(root: str, dangling: list[str] | None = None):
     """Every file under `root` (a folder or a URI prefix), recursively, as paths in the
     form `root` was given (relative stays relative; URIs keep their scheme). A generator:
     nothing is held beyond the folders being listed, so a million files cost no more
-    memory than a thousand. Folders are listed in parallel threads, the same way for a
-    local disk, s3:// and gs://; the order of the files is not defined.
+    memory than a thousand. Folders are listed in parallel threads (a local one with one
+    os.scandir, s3:// and gs:// through pyarrow); the order of the files is not defined.
 
     Raises FileNotFoundError if root is not a folder. Symlinked folders are not followed
     (a link loop would never end); symlinked files are listed. A link to nothing is

@@ -12,7 +12,6 @@ stop` would end every Ray process on the machine.
 from __future__ import annotations
 
 import contextlib
-import glob
 import itertools
 import json
 import os
@@ -185,8 +184,8 @@ class LoopbackCluster:
             if self.nodes[name].poll() is None:
                 self.kill_node(name)
         _kill_leftovers(self.base)
-        for folder in glob.glob(f"{self.base}-*"):  # each node's session folder, in /tmp for short socket paths
-            shutil.rmtree(folder, ignore_errors=True)
+        for name in self.nodes:  # each node's session folder, in /tmp for short socket paths
+            shutil.rmtree(self.temp_dir(name), ignore_errors=True)
 
     # --- clients -------------------------------------------------------------------------
 
